@@ -1,0 +1,1 @@
+"""CIFAR-100 KD benchmark zoo (CRD/RepDistiller family); importing registers every model."""

@@ -1,0 +1,1 @@
+"""ImageNet models (placeholder, filled in by the zoo work)."""

@@ -1,0 +1,56 @@
+"""One registry of model constructors (timm-style): names -> builders with the same keywords."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class UnknownModelError(ValueError):
+    """Raised for a model name that is not registered; the message lists the valid names."""
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``fn(num_classes=..., **kwargs) -> nn.Module`` under ``name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """All registered model names, sorted."""
+    _load_zoo()
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str, num_classes: int = 100, weights: str | Path | None = None, **kwargs: object
+) -> nn.Module:
+    """Build a registered model; ``weights`` is a local checkpoint loaded safely (no downloads)."""
+    _load_zoo()
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if name not in _REGISTRY:
+        raise UnknownModelError(
+            f"unknown model {name!r}; valid names: {', '.join(sorted(_REGISTRY))}"
+        )
+    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    if weights is not None:
+        from normkd.models.weights import load_weights
+
+        load_weights(model, weights)
+    return model
+
+
+def _load_zoo() -> None:
+    # Importing the zoo modules runs their @register_model decorators.
+    from normkd.models import cifar, imagenet  # noqa: F401
