@@ -69,16 +69,18 @@ def _default_example(model: nn.Module) -> torch.Tensor:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    return torch.zeros(2, 3, 64, 64, device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 64, 64, generator=gen).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
 def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapSpec:
     """Find feat/classifier/stages of an arbitrary CNN classifier by tracing one forward pass.
 
-    The classifier is the last ``nn.Linear`` called; ``feat`` is the outermost module whose output
-    is the last 4-D map with as many channels as the classifier has inputs (the map global pooling
-    reads); stages are the outermost modules ending each spatial resolution.
+    ``feat`` is the outermost module returning the last 4-D map computed (pooling layers aside);
+    the classifier is the first ``nn.Linear`` called after it that reads its channels (for an MLP
+    head that is the head's first layer, which is what FT merges into); stages are the last map of
+    each spatial resolution along the model's top-level chain of blocks.
     """
     x = _default_example(model) if example is None else example
     calls: list[tuple[str, nn.Module, object]] = []
@@ -96,57 +98,94 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
         for h in handles:
             h.remove()
 
-    linears = [(n, m) for n, m, _ in calls if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__}: no nn.Linear classifier found in its forward pass")
-    cls_name, cls_mod = linears[-1]
-    c = cls_mod.in_features
-
-    maps = [(n, o) for n, _m, o in calls if isinstance(o, torch.Tensor) and o.dim() == 4]
     # Last call per module wins (a module called twice, e.g. a shared ReLU, reports its last output).
-    last_out: dict[str, torch.Tensor] = {}
-    order: list[str] = []
-    for n, o in maps:
-        if n in last_out:
-            order.remove(n)
-        last_out[n] = o
-        order.append(n)
-    candidates = [n for n in order if n and last_out[n].shape[1] == c]
-    if not candidates:
+    last: dict[str, int] = {}
+    for i, (n, _m, _o) in enumerate(calls):
+        last[n] = i
+    order = sorted((i for n, i in last.items() if n), key=int)
+    maps = [
+        i
+        for i in order
+        if isinstance(calls[i][2], torch.Tensor)
+        and calls[i][2].dim() == 4
+        and not isinstance(calls[i][1], _POOLS)
+    ]
+    if not maps:
+        raise ValueError(f"{type(model).__name__}: no 4-D feature map found; is it a CNN?")
+    final = calls[maps[-1]][2]
+    c = int(final.shape[1])
+    heads = [
+        i
+        for i in order
+        if i > maps[-1] and isinstance(calls[i][1], nn.Linear) and calls[i][1].in_features == c
+    ]
+    if not heads:
         raise ValueError(
-            f"{type(model).__name__}: no convolutional map with {c} channels (the classifier's inputs) "
-            "found; is it a CNN classifier with global pooling?"
+            f"{type(model).__name__}: no nn.Linear reading the {c}-channel last conv map found; "
+            "is it a CNN classifier with global pooling and a linear classifier?"
         )
-    feat = _outermost(candidates, last_out, order)
+    feat = _outermost([calls[i][0] for i in maps], final, calls, last)
 
-    # Stages: for each run of equal spatial size up to feat, the outermost module that returned
-    # the run's final map.
-    groups: list[list[str]] = []
-    for n in order[: order.index(feat) + 1]:
-        if groups and last_out[groups[-1][-1]].shape[-2:] == last_out[n].shape[-2:]:
-            groups[-1].append(n)
+    # Stages: walk the top-level chain of blocks (expanding nn.Sequential containers), group
+    # consecutive blocks by output resolution and keep the last block of each group.
+    units = [i for i in maps if _is_unit(model, calls[i][0])]
+    groups: list[list[int]] = []
+    for i in units:
+        if i > maps[-1]:
+            break
+        if groups and calls[groups[-1][-1]][2].shape[-2:] == calls[i][2].shape[-2:]:
+            groups[-1].append(i)
         else:
-            groups.append([n])
-    stages = [_outermost(g, last_out, order) for g in groups]
-    stages[-1] = feat
+            groups.append([i])
+    stages = [_outermost([calls[i][0] for i in maps], calls[g[-1]][2], calls, last) for g in groups]
+    if not stages or stages[-1] != feat:
+        stages.append(feat)
     return TapSpec(
         feat=feat,
         feat_channels=c,
-        classifier=cls_name,
+        classifier=calls[heads[0]][0],
         stages=tuple(stages),
-        stage_channels=tuple(int(last_out[s].shape[1]) for s in stages),
+        stage_channels=tuple(int(calls[last[s]][2].shape[1]) for s in stages),
     )
 
 
+_POOLS = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+)
+
+
+def _is_unit(model: nn.Module, name: str) -> bool:
+    """A block of the top-level chain: not a Sequential itself, and only Sequentials above it."""
+    parts = name.split(".")
+    if isinstance(model.get_submodule(name), nn.Sequential):
+        return False
+    return all(
+        isinstance(model.get_submodule(".".join(parts[:k])), nn.Sequential)
+        for k in range(1, len(parts))
+    )
+
+
+def _outermost(
+    names: list[str],
+    target: torch.Tensor,
+    calls: list[tuple[str, nn.Module, object]],
+    last: dict[str, int],
+) -> str:
+    """Of the modules whose (last) output is ``target`` itself, the least nested one."""
+    same = [
+        n
+        for n in names
+        if isinstance(calls[last[n]][2], torch.Tensor) and _same_tensor(calls[last[n]][2], target)
+    ]
+    return min(same, key=lambda n: (n.count("."), last[n]))
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or torch.equal(a, b))
-
-
-def _outermost(group: list[str], outs: dict[str, torch.Tensor], order: list[str]) -> str:
-    """Of the modules in ``group`` that returned the group's final map, the least nested one."""
-    final = outs[group[-1]]
-    same = [n for n in group if _same_tensor(outs[n], final)]
-    return min(same, key=lambda n: (n.count("."), order.index(n)))
+    # Identity, not equality: a parent returns its last child's tensor (or an in-place result).
+    return a.shape == b.shape and a.data_ptr() == b.data_ptr()
 
 
 @contextlib.contextmanager

@@ -42,7 +42,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"(weights_only=True). normkd never unpickles code. Detail: {str(err).splitlines()[0]}"
             ) from err
         except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {err}") from err
+            raise CheckpointError(
+                f"cannot read checkpoint {path} (corrupt or truncated?): {err}"
+            ) from err
     state = _unwrap(obj, path)
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -55,8 +57,10 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
             return dict(obj)
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(
-                isinstance(v, torch.Tensor) for v in inner.values()
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
             ):
                 return dict(inner)
     raise CheckpointError(
@@ -84,7 +88,9 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
             ("shape mismatches", wrong_shape),
         ):
             if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                shown = ", ".join(items[:8]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 8 else ""
+                )
                 parts.append(f"{label}: {shown}")
         raise CheckpointError("; ".join(parts))
     model.load_state_dict(state, strict=strict)

@@ -1,0 +1,287 @@
+"""NORM: Knowledge Distillation via N-to-One Representation Matching (Liu et al., ICLR 2023).
+
+The whole method, top to bottom:
+
+1. :class:`FeatureTransform` (FT) sits after the student's last conv map: a 1x1 conv expands
+   ``C_s -> N * C_t`` channels, a second 1x1 conv contracts ``N * C_t -> C_s``; the contracted map
+   continues through the student's own global pooling and classifier. The authors' code adds a
+   BatchNorm after each conv and a residual connection (both on by default here).
+2. :func:`norm_loss` splits the expanded map into N consecutive segments of ``C_t`` channels and
+   pulls each one to the same (frozen) teacher map with MSE; the loss is the sum over segments.
+3. :func:`attach_ft` wires FT into any CNN classifier through the feature-tap contract (a forward
+   hook on the module whose output global pooling reads), so no model code is edited.
+4. :func:`merge_ft` folds FT, both BatchNorms (eval statistics) and the residual through global
+   average pooling into a new classifier: the deployed student has exactly its original
+   architecture and parameter count, and the same logits.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normkd.models.taps import TapSpec, get_module, get_taps, set_module
+
+__all__ = [
+    "FTStudent",
+    "FeatureTransform",
+    "attach_ft",
+    "max_logit_diff",
+    "merge_ft",
+    "norm_loss",
+]
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _conv1x1(cin: int, cout: int, bn: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel_size=1, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    return nn.Sequential(*layers)
+
+
+class FeatureTransform(nn.Module):
+    """Expand ``C_s -> N*C_t`` (the N views matched to the teacher), contract back to ``C_s``.
+
+    ``bn=False, residual=False`` is the paper's plain two-linear-layer form; the defaults follow the
+    authors' code (bias-free conv + BatchNorm for each layer, contracted map added to the input).
+    ``forward`` returns ``(contracted, expanded)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        teacher_channels: int,
+        n: int,
+        bn: bool = True,
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.teacher_channels = _check_positive_int("teacher_channels", teacher_channels)
+        self.n = _check_positive_int("n (the expansion factor)", n)
+        self.bn = bool(bn)
+        self.residual = bool(residual)
+        self.expand = _conv1x1(in_channels, n * teacher_channels, bn)
+        self.contract = _conv1x1(n * teacher_channels, in_channels, bn)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"FeatureTransform expects a (B, {self.in_channels}, H, W) map, got {tuple(x.shape)}"
+            )
+        expanded = self.expand(x)
+        out = self.contract(expanded)
+        if self.residual:
+            out = out + x
+        return out, expanded
+
+    @torch.no_grad()
+    def as_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FT in eval mode as ``y = A @ x + c`` per pixel (float64), the form the merge folds."""
+
+        def affine(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+            conv = block[0]
+            w = conv.weight.detach().double().flatten(1)  # (out, in)
+            b = (
+                conv.bias.detach().double()
+                if conv.bias is not None
+                else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+            )
+            if len(block) > 1:
+                bn: nn.BatchNorm2d = block[1]
+                if bn.running_var is None or bn.running_mean is None:
+                    raise ValueError("cannot merge a BatchNorm without running statistics")
+                scale = bn.weight.detach().double() if bn.affine else torch.ones_like(b)
+                shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(b)
+                s = scale / torch.sqrt(bn.running_var.double() + bn.eps)
+                w = s[:, None] * w
+                b = s * (b - bn.running_mean.double()) + shift
+            return w, b
+
+        w1, b1 = affine(self.expand)
+        w2, b2 = affine(self.contract)
+        a = w2 @ w1
+        c = w2 @ b1 + b2
+        if self.residual:
+            a = a + torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        return a, c
+
+
+def _match_spatial(
+    student: torch.Tensor, teacher: torch.Tensor, reduce: Literal["max", "avg"]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool the spatially larger map down to the smaller one by an integer ratio."""
+    (hs, ws), (ht, wt) = student.shape[-2:], teacher.shape[-2:]
+    if (hs, ws) == (ht, wt):
+        return student, teacher
+    pool = F.max_pool2d if reduce == "max" else F.avg_pool2d
+    big_is_teacher = ht >= hs and wt >= ws
+    big_is_student = hs >= ht and ws >= wt
+    if not (big_is_teacher or big_is_student):
+        raise ValueError(
+            f"norm_loss: student map {hs}x{ws} and teacher map {ht}x{wt} are larger in different "
+            "dimensions; cannot reduce one to the other"
+        )
+    (bh, bw), (sh, sw) = ((ht, wt), (hs, ws)) if big_is_teacher else ((hs, ws), (ht, wt))
+    if bh % sh or bw % sw:
+        raise ValueError(
+            f"norm_loss: teacher map {ht}x{wt} and student map {hs}x{ws} differ by a non-integer "
+            "ratio; pooling needs an integer ratio (pick taps of compatible resolution)"
+        )
+    kernel = (bh // sh, bw // sw)
+    if big_is_teacher:
+        return student, pool(teacher, kernel, kernel)
+    return pool(student, kernel, kernel), teacher
+
+
+def norm_loss(
+    expanded: torch.Tensor,
+    teacher_map: torch.Tensor,
+    n: int,
+    reduce: Literal["max", "avg"] = "max",
+) -> torch.Tensor:
+    """N-to-one matching: sum over the N segments of ``MSE(segment_i, teacher_map)``.
+
+    ``expanded`` is FT's expanded map ``(B, N*C_t, H, W)``; ``teacher_map`` is ``(B, C_t, H', W')``.
+    The teacher map is detached (the teacher never learns) and, when spatially larger, reduced to
+    the student's size by ``reduce`` pooling with the integer ratio (the authors use max).
+    Equals ``N * MSE(expanded, teacher_map tiled N times)``.
+    """
+    n = _check_positive_int("n (the expansion factor)", n)
+    if reduce not in ("max", "avg"):
+        raise ValueError(f"reduce must be 'max' or 'avg', got {reduce!r}")
+    if expanded.dim() != 4 or teacher_map.dim() != 4:
+        raise ValueError(
+            "norm_loss expects 4-D maps (B, C, H, W): got student expanded map "
+            f"{tuple(expanded.shape)} and teacher map {tuple(teacher_map.shape)}"
+        )
+    b, c, _, _ = expanded.shape
+    ct = teacher_map.shape[1]
+    if teacher_map.shape[0] != b:
+        raise ValueError(
+            f"norm_loss: batch sizes differ: student expanded map {tuple(expanded.shape)} vs "
+            f"teacher map {tuple(teacher_map.shape)}"
+        )
+    if c != n * ct:
+        raise ValueError(
+            f"norm_loss: student expanded map has {c} channels but n * teacher channels = "
+            f"{n} * {ct} = {n * ct} (shapes {tuple(expanded.shape)} vs {tuple(teacher_map.shape)})"
+        )
+    student, teacher = _match_spatial(expanded, teacher_map.detach(), reduce)
+    h, w = student.shape[-2:]
+    diff = student.reshape(b, n, ct, h, w) - teacher.to(student.dtype).unsqueeze(1)
+    return diff.pow(2).mean() * n
+
+
+class FTStudent(nn.Module):
+    """A student whose logits flow through FT; ``expanded`` holds the last forward's expanded map.
+
+    FT is inserted by a forward hook on the student's ``feat`` module, registered only for the
+    duration of each forward, so ``self.student`` stays the plain model (what :func:`merge_ft`
+    copies). The hook is a plain method, so the wrapper works under DDP and deepcopy.
+    """
+
+    def __init__(self, student: nn.Module, ft: FeatureTransform, spec: TapSpec) -> None:
+        super().__init__()
+        self.student = student
+        self.ft = ft
+        self.spec = spec
+        self.expanded: torch.Tensor | None = None
+
+    def _insert_ft(self, _mod: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"tap {self.spec.feat!r} returned {type(out).__name__}, not a tensor; "
+                "point the tap spec at a module that returns the last conv map"
+            )
+        contracted, self.expanded = self.ft(out)
+        return contracted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        handle = get_module(self.student, self.spec.feat).register_forward_hook(self._insert_ft)
+        try:
+            return self.student(x)
+        finally:
+            handle.remove()
+
+
+def attach_ft(
+    student: nn.Module,
+    teacher_channels: int,
+    n: int,
+    bn: bool = True,
+    residual: bool = True,
+    example: torch.Tensor | None = None,
+) -> FTStudent:
+    """Wrap ``student`` so its logits flow through a new FT after its last conv map.
+
+    The student's taps come from its declared ``tap_spec`` or are discovered with one forward pass
+    (on ``example`` if given), so zoo, torchvision and other CNN classifiers all work.
+    """
+    if isinstance(student, FTStudent):
+        raise ValueError("student already has a FeatureTransform attached")
+    spec = get_taps(student, example)
+    ft = FeatureTransform(spec.feat_channels, teacher_channels, n, bn=bn, residual=residual)
+    param = next(student.parameters(), None)
+    if param is not None:
+        ft = ft.to(device=param.device, dtype=param.dtype)
+    return FTStudent(student, ft, spec)
+
+
+@torch.no_grad()
+def merge_ft(s_ft: FTStudent) -> nn.Module:
+    """Fold FT into the classifier: ``fc(gap(FT(x))) == fc'(gap(x))`` for the eval-mode student.
+
+    Valid because FT (1x1 convs, eval-mode BatchNorm, residual), global average pooling and the
+    classifier are all linear. Returns a new plain student (same class, same parameter count);
+    ``s_ft`` is left untouched. The merged model is returned in eval mode.
+    """
+    if not isinstance(s_ft, FTStudent):
+        raise TypeError(f"merge_ft expects the result of attach_ft, got {type(s_ft).__name__}")
+    merged = copy.deepcopy(s_ft.student)
+    fc = get_module(merged, s_ft.spec.classifier)
+    if not isinstance(fc, nn.Linear):
+        raise TypeError(
+            f"classifier {s_ft.spec.classifier!r} is {type(fc).__name__}; merge needs an nn.Linear"
+        )
+    a, c = s_ft.ft.as_affine()
+    a, c = a.to(fc.weight.device), c.to(fc.weight.device)
+    w = fc.weight.detach().double()
+    new_bias = w @ c
+    if fc.bias is not None:
+        new_bias = new_bias + fc.bias.detach().double()
+    elif torch.any(new_bias.abs() > 0):
+        raise ValueError(
+            "the classifier has no bias but FT adds a constant term (its BatchNorm shifts); "
+            "merging would change the architecture. Use FeatureTransform(bn=False) for such students"
+        )
+    new_fc = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None)
+    new_fc = new_fc.to(device=fc.weight.device, dtype=fc.weight.dtype)
+    new_fc.weight.copy_(w @ a)
+    if new_fc.bias is not None:
+        new_fc.bias.copy_(new_bias)
+    set_module(merged, s_ft.spec.classifier, new_fc)
+    return merged.eval()
+
+
+@torch.no_grad()
+def max_logit_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute logit difference between two models on ``x`` (both in eval mode)."""
+    modes = a.training, b.training
+    a.eval()
+    b.eval()
+    try:
+        return float((a(x).float() - b(x).float()).abs().max())
+    finally:
+        a.train(modes[0])
+        b.train(modes[1])
