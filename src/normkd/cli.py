@@ -1,74 +1,289 @@
-"""Command line: ``normkd demo`` (more subcommands arrive with the training engine)."""
+"""``normkd`` command line: demo | train | distill | eval | merge | export | list-models.
+
+Exit codes: 0 success; 2 user error (bad recipe, missing data, bad checkpoint), reported as one
+line without a traceback; 130 interrupted. A traceback means a bug in normkd.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from normkd import __version__
+from normkd.errors import UserError
+
+EPILOG = "Recipes live in configs/ (e.g. configs/demo/norm_kd.yaml). Docs: README.md."
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Attach FT to a zoo student, train a few steps on random tensors, merge, print the check."""
-    from normkd.models import create_model, get_taps
-    from normkd.norm import attach_ft, max_logit_diff, merge_ft, norm_loss
-
-    torch.manual_seed(0)
-    teacher = create_model(args.teacher, num_classes=10).eval()
-    student = create_model(args.student, num_classes=10)
-    t_spec = get_taps(teacher)
-    s_ft = attach_ft(student, teacher_channels=t_spec.feat_channels, n=args.n)
-    opt = torch.optim.SGD(s_ft.parameters(), lr=0.01, momentum=0.9)
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        x = torch.randn(16, 3, 32, 32)
-        y = torch.randint(0, 10, (16,))
-        from normkd.models import capture
-
-        with torch.no_grad(), capture(teacher, [t_spec.feat]) as taps:
-            teacher(x)
-        logits = s_ft(x)
-        loss_norm = norm_loss(s_ft.expanded, taps[t_spec.feat], args.n)
-        loss = F.cross_entropy(logits, y) + loss_norm
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        print(
-            f"step {step + 1}/{args.steps}: ce+norm = {loss.item():.4f} (norm {loss_norm.item():.4f})"
-        )
-    merged = merge_ft(s_ft)
-    diff = max_logit_diff(s_ft, merged, torch.randn(8, 3, 32, 32))
-    n_plain = sum(p.numel() for p in student.parameters())
-    n_ft = sum(p.numel() for p in s_ft.parameters())
-    n_merged = sum(p.numel() for p in merged.parameters())
-    print(
-        f"{args.teacher} -> {args.student}, N={args.n}: params plain {n_plain:,} | with FT {n_ft:,} "
-        f"| merged {n_merged:,}; max |logit diff| after merge = {diff:.2e} "
-        f"({time.perf_counter() - t0:.1f}s)"
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="recipe YAML (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any recipe key, e.g. --set optim.lr=0.1 --set loss.1.weight=0.5",
     )
+    p.add_argument("--resume", action="store_true", help="continue the run from RUN_DIR/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN_DIR")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build data and models and run one step without training "
+        "(fake data stands in when the real folder is absent)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument(
+        "--out-dir", type=Path, help="parent folder of the run directory (engine.out_dir)"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from normkd.config import load_recipe
+    from normkd.engine import fit
+
+    overrides = list(args.overrides)
+    if args.quiet:
+        overrides.append("engine.quiet=true")
+    if args.out_dir is not None:
+        overrides.append(f"engine.out_dir={args.out_dir}")
+    recipe = load_recipe(args.config, overrides)
+    if recipe.task != args.command:
+        raise UserError(
+            f"{args.config} is a '{recipe.task}' recipe; run it with `normkd {recipe.task}`"
+        )
+    result = fit(recipe, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    print(
+        f"done: {recipe.name}: best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch + 1}), "
+        f"final top-1 {result.final_top1:.2f}% / top-5 {result.final_top5:.2f}%"
+        + (
+            f"; merged student top-1 {result.merged_top1:.2f}% "
+            f"(max |logit diff| {result.merge_max_logit_diff:.1e})"
+            if result.merged_top1 is not None
+            else ""
+        )
+        + f"; run directory {result.run_dir}"
+    )
+    return 0
+
+
+def _model_and_recipe(path: Path, config: Path | None, overrides: list[str]):
+    """A model file or run directory -> (deployable model, recipe for its data)."""
+    from normkd.config import load_recipe
+    from normkd.engine.checkpoint import load_model_file
+
+    model_file = path / "model.safetensors" if path.is_dir() else path
+    if not model_file.is_file():
+        raise UserError(
+            f"no model file at {model_file} (expected RUN_DIR or RUN_DIR/model.safetensors)"
+        )
+    model, meta = load_model_file(model_file)
+    cfg = config or model_file.parent / "config.yaml"
+    if not cfg.is_file():
+        raise UserError(f"no recipe for the data: pass --config (looked for {cfg})")
+    return model, meta, load_recipe(cfg, overrides)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from normkd.engine.build import build_data, resolve_device
+    from normkd.engine.trainer import evaluate
+
+    model, meta, recipe = _model_and_recipe(args.checkpoint, args.config, args.overrides)
+    device = resolve_device(recipe.engine.device)
+    data = build_data(recipe, device)
+    res = evaluate(model.to(device), data.test, device)
+    print(
+        f"{args.checkpoint}: {meta['model']} top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
+        f"loss {res['loss']:.4f} on {recipe.data.kind} test set"
+    )
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from normkd.config import load_recipe
+    from normkd.engine.build import build_data, build_distiller, build_models, resolve_device
+    from normkd.engine.checkpoint import load_checkpoint, save_model
+    from normkd.norm import FTStudent, max_logit_diff, merge_ft
+
+    src = args.source
+    ckpt_path = src / ("best.pt" if args.best else "last.pt") if src.is_dir() else src
+    run_dir = ckpt_path.parent
+    recipe = load_recipe(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    if recipe is None:
+        raise UserError(f"no config.yaml beside {ckpt_path}: merge needs the run directory")
+    if recipe.norm is None:
+        raise UserError(f"{recipe.name} does not use NORM: there is no FT to merge")
+    state = load_checkpoint(ckpt_path)
+    device = resolve_device("cpu")
+    data = build_data(recipe, device)
+    student, teacher, _plain = build_models(
+        recipe, data.num_classes, data.in_shape, allow_untrained=True
+    )
+    distiller = build_distiller(recipe, student, teacher)
+    distiller.load_state_dict(state["distiller"])
+    assert isinstance(distiller.student, FTStudent)
+    merged = merge_ft(distiller.student)
+    x, _y, _i = next(iter(data.test))
+    diff = max_logit_diff(distiller.student, merged, x)
+    meta = {
+        "model": recipe.student.model,
+        "num_classes": data.num_classes,
+        "kwargs": recipe.student.kwargs,
+        "recipe": recipe.name,
+        "merged_from_ft": True,
+    }
+    save_model(args.out, merged, meta)
+    n = sum(p.numel() for p in merged.parameters())
+    with torch.no_grad():
+        print(
+            f"merged {ckpt_path} -> {args.out}: {recipe.student.model}, {n:,} params; "
+            f"max |logit diff| vs FT student on a batch of {x.shape[0]}: {diff:.2e}"
+        )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from normkd.engine.checkpoint import load_model_file
+
+    path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
+    model, meta = load_model_file(path)
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    x = torch.randn(1, *shape)
+    args.onnx.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(args.onnx),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
+    msg = f"exported {path} ({meta['model']}) -> {args.onnx}"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print(msg + " (onnxruntime not installed: output not checked)")
+        return 0
+    sess = ort.InferenceSession(str(args.onnx), providers=["CPUExecutionProvider"])
+    xb = torch.randn(4, *shape)
+    got = torch.from_numpy(sess.run(None, {"images": xb.numpy()})[0])
+    with torch.no_grad():
+        want = model(xb)
+    diff = float((got - want).abs().max())
+    print(msg + f"; onnxruntime max |logit diff| vs PyTorch: {diff:.2e}")
+    if diff > 1e-3:
+        raise UserError(f"ONNX output differs from PyTorch by {diff:.2e}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from normkd.demo import run_demo
+
+    run_demo(
+        out_dir=args.out_dir,
+        quick=args.quick,
+        methods=args.methods,
+        seeds=args.seeds,
+        quiet=not args.verbose,
+    )
+    return 0
+
+
+def _cmd_list(_args: argparse.Namespace) -> int:
+    from normkd.models import list_models
+
+    print("\n".join(list_models()))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkd",
-        description="Knowledge distillation with NORM (N-to-One Representation Matching).",
+        description="Knowledge distillation with NORM (N-to-One Representation Matching) "
+        "and strong baselines.",
+        epilog=EPILOG,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="attach FT to a zoo student, train briefly, merge and check")
-    demo.add_argument("--teacher", default="resnet32x4")
-    demo.add_argument("--student", default="resnet8x4")
-    demo.add_argument("--n", type=int, default=4, help="expansion factor N")
-    demo.add_argument("--steps", type=int, default=5)
-    demo.set_defaults(func=_demo)
+    parser.add_argument("--version", action="version", version=f"normkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a teacher and distil students on the embedded digits set; print a table",
+        description="On scikit-learn's bundled digits (no download): train a teacher, then "
+        "students with each method over several seeds; print a Markdown table and write it "
+        "with a PNG plot to the output folder.",
+    )
+    demo.add_argument("--quick", action="store_true", help="fewer epochs and one seed (< 60 s)")
+    demo.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="M",
+        help="methods to compare (default: vanilla kd norm norm_kd)",
+    )
+    demo.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
+    demo.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="output folder")
+    demo.add_argument("--verbose", action="store_true", help="per-epoch lines for every run")
+    demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train a teacher or a plain student from a recipe")
+    _add_run_args(train)
+    train.set_defaults(func=_cmd_run)
+    distill = sub.add_parser("distill", help="distil a student from a teacher with a recipe")
+    _add_run_args(distill)
+    distill.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="top-1/top-5 of a saved model on its recipe's test set")
+    ev.add_argument("checkpoint", type=Path, help="RUN_DIR or a model.safetensors file")
+    ev.add_argument(
+        "--config", type=Path, help="recipe for the data (default: RUN_DIR/config.yaml)"
+    )
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ev.set_defaults(func=_cmd_eval)
+
+    merge = sub.add_parser(
+        "merge", help="fold a NORM student's FT into its classifier and save the plain student"
+    )
+    merge.add_argument("source", type=Path, help="RUN_DIR or RUN_DIR/last.pt / best.pt")
+    merge.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    merge.add_argument("--best", action="store_true", help="merge best.pt instead of last.pt")
+    merge.set_defaults(func=_cmd_merge)
+
+    export = sub.add_parser("export", help="export a saved (merged) student to ONNX")
+    export.add_argument("checkpoint", type=Path, help="RUN_DIR or a model.safetensors file")
+    export.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
+    export.add_argument(
+        "--input-shape", default="3,32,32", help="C,H,W of the input (default 3,32,32)"
+    )
+    export.set_defaults(func=_cmd_export)
+
+    lm = sub.add_parser("list-models", help="print every model name in the zoo")
+    lm.set_defaults(func=_cmd_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UserError as err:
+        print(f"normkd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "normkd: interrupted; the last completed epoch is saved (resume with --resume)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from torch import nn
 
+from normkd.errors import UserError
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     """Raised for a model name that is not registered; the message lists the valid names."""
 
 

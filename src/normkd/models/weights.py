@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from normkd.errors import UserError
+
 _WRAPPER_KEYS = ("model", "net", "state_dict", "model_state_dict", "student")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 

@@ -1,0 +1,309 @@
+"""Typed recipes: YAML (+ ``base:`` inheritance) + ``--set key=value`` overrides -> validated Recipe.
+
+All validation of user settings happens here, so the engine can trust what it receives; every
+error names the key and, where there is a fixed set, the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from normkd.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "Recipe",
+    "apply_overrides",
+    "load_recipe",
+    "recipe_from_dict",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataCfg(_Strict):
+    """Where the images come from and how they are batched."""
+
+    kind: Literal["digits", "cifar100", "imagenet"] = "digits"
+    root: Path | None = None
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 256
+    workers: NonNegativeInt = 4
+    augment: bool = True
+    n_train: PositiveInt = 1000  # digits: size of the seeded train split (the rest is test)
+    split_seed: int = 0
+
+
+class ModelCfg(_Strict):
+    """A zoo model by name, optionally with local weights (never downloaded)."""
+
+    model: str
+    weights: Path | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from normkd.models import list_models
+
+        names = list_models()
+        if v not in names:
+            raise ValueError(f"unknown model {v!r}; valid names: {', '.join(names)}")
+        return v
+
+
+class _Term(_Strict):
+    weight: NonNegativeFloat = 1.0
+
+
+class CETerm(_Term):
+    """Cross-entropy with the labels."""
+
+    kind: Literal["ce"] = "ce"
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class KDTerm(_Term):
+    """Hinton KD: KL between temperature-softened distributions, times T^2."""
+
+    kind: Literal["kd"] = "kd"
+    temperature: PositiveFloat = 4.0
+
+
+class NormTerm(_Term):
+    """NORM: FT after the student's last conv map, N segments matched to the teacher map."""
+
+    kind: Literal["norm"] = "norm"
+    n: PositiveInt = 8
+    bn: bool = True
+    residual: bool = True
+    reduce: Literal["max", "avg"] = "max"
+    ramp: Literal["none", "cifar", "imagenet"] = "none"
+
+
+TERM_TYPES = (CETerm, KDTerm, NormTerm)
+Term = Annotated[CETerm | KDTerm | NormTerm, Field(discriminator="kind")]
+TEACHER_TERMS = {"kd", "norm"}
+
+
+class LogitStdCfg(_Strict):
+    """The authors' code standardises logits before CE/KL (layer norm over classes, x scale)."""
+
+    enabled: bool = False
+    scale: PositiveFloat = 2.5
+
+
+class OptimCfg(_Strict):
+    """SGD and the learning-rate schedule (per-epoch, with optional linear warm-up)."""
+
+    epochs: PositiveInt = 240
+    lr: PositiveFloat = 0.05
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5e-4
+    schedule: Literal["multistep", "step", "cosine", "constant"] = "multistep"
+    milestones: list[PositiveInt] = Field(default_factory=lambda: [150, 180, 210])
+    step_size: PositiveInt = 30
+    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    warmup_epochs: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimCfg:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("optim.nesterov needs optim.momentum > 0")
+        if sorted(self.milestones) != self.milestones:
+            raise ValueError(f"optim.milestones must be increasing, got {self.milestones}")
+        return self
+
+
+class EngineCfg(_Strict):
+    """How the run executes: device, precision, logging, output."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+    quiet: bool = False
+    eval_every: PositiveInt = 1
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not (
+            v.startswith("cuda:") and v[5:].isdigit()
+        ):
+            raise ValueError(f"engine.device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+
+class Recipe(_Strict):
+    """One training job: a teacher (``train``) or a distilled student (``distill``)."""
+
+    name: str
+    task: Literal["train", "distill"] = "distill"
+    data: DataCfg = Field(default_factory=DataCfg)
+    teacher: ModelCfg | None = None
+    student: ModelCfg
+    loss: list[Term] = Field(default_factory=lambda: [CETerm()])
+    logit_standardization: LogitStdCfg = Field(default_factory=LogitStdCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    engine: EngineCfg = Field(default_factory=EngineCfg)
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        kinds = [t.kind for t in self.loss]
+        if not kinds:
+            raise ValueError("loss must list at least one term")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"loss lists a term kind twice: {kinds}")
+        needs_teacher = sorted(set(kinds) & TEACHER_TERMS)
+        if self.task == "distill" and self.teacher is None:
+            raise ValueError("task 'distill' needs a teacher: {model: NAME, weights: PATH}")
+        if self.task == "train" and needs_teacher:
+            raise ValueError(
+                f"task 'train' has no teacher, but loss terms {needs_teacher} need one; "
+                "use task: distill"
+            )
+        if self.optim.schedule == "multistep" and any(
+            m >= self.optim.epochs for m in self.optim.milestones
+        ):
+            raise ValueError(
+                f"optim.milestones {self.optim.milestones} must be < optim.epochs "
+                f"({self.optim.epochs})"
+            )
+        return self
+
+    @property
+    def norm(self) -> NormTerm | None:
+        """The NORM term, if the recipe uses one (it decides whether FT is attached)."""
+        return next((t for t in self.loss if isinstance(t, NormTerm)), None)
+
+    def run_dir(self) -> Path:
+        return self.engine.out_dir / (self.engine.run_name or self.name)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' inheritance loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path string, got {base!r}")
+    return _deep_merge(_read_yaml(path.parent / base, (*seen, path)), data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (value parsed as YAML; list items by index: loss.1.weight)."""
+    data = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+        node: Any = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {key}: {'.'.join(parts[:i])} has {len(node)} items; "
+                        f"{part!r} is not an index"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+                    if node is None:
+                        node = {}
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _KINDS))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown loss term kind; valid kinds: {', '.join(sorted(_KINDS))}"
+        elif e["type"] == "union_tag_not_found":
+            msg = f"each loss term needs 'kind' (one of: {', '.join(sorted(_KINDS))})"
+        msgs.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: " + "; ".join(msgs)
+
+
+_KINDS = {t.model_fields["kind"].default for t in TERM_TYPES}
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a plain dict into a Recipe, raising ConfigError with readable messages."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (following ``base:``), apply ``--set`` overrides, validate."""
+    data = _read_yaml(Path(path))
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain (YAML/JSON-safe) dict of the resolved recipe, as written to the run directory."""
+    return recipe.model_dump(mode="json")

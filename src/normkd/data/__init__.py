@@ -1,0 +1,24 @@
+"""Data: embedded digits, CIFAR-100 from a local folder, ImageFolder, device-side augmentation."""
+
+from normkd.data.cifar import CIFAR100_MEAN, CIFAR100_STD, load_cifar100
+from normkd.data.common import Split, fake_split
+from normkd.data.device import Augment, DeviceLoader, EpochPlan, augment_batch
+from normkd.data.digits import load_digits_split
+from normkd.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, IndexedDataset, imagenet_loaders
+
+__all__ = [
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Augment",
+    "DeviceLoader",
+    "EpochPlan",
+    "IndexedDataset",
+    "Split",
+    "augment_batch",
+    "fake_split",
+    "imagenet_loaders",
+    "load_cifar100",
+    "load_digits_split",
+]

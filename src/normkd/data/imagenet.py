@@ -1,0 +1,114 @@
+"""ImageNet-style folders through torchvision's ImageFolder, with the standard transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from normkd.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUT = "ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG"
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so items are (x, y, idx): CRD's memory bank needs the sample index."""
+
+    def __init__(self, base: Any) -> None:
+        """Keep the wrapped dataset; classes and samples stay reachable through ``base``."""
+        self.base = base
+
+    def __len__(self) -> int:
+        """Same length as the wrapped dataset."""
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        """The wrapped item plus its own index."""
+        x, y = self.base[index]
+        return x, y, index
+
+
+def _image_folder(path: Path, transform: Any) -> Any:
+    """An ImageFolder for one split, or a DataError that names the path and expected layout."""
+    from torchvision.datasets import ImageFolder
+
+    if not path.is_dir():
+        raise DataError(f"ImageNet folder {path} does not exist: expected the layout {LAYOUT}")
+    try:
+        return ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as e:  # no class folders, or class folders with no images
+        raise DataError(
+            f"ImageNet folder {path} has no images ({e}): expected the layout {LAYOUT}"
+        ) from None
+
+
+def imagenet_loaders(
+    root: str | Path,
+    batch_size: int,
+    workers: int,
+    *,
+    eval_batch_size: int | None = None,
+    distributed: bool = False,
+    seed: int = 0,
+    image_size: int = 224,
+) -> tuple[DataLoader, DataLoader, int]:
+    """Train and val loaders yielding (x, y, idx) plus the class count, from ROOT/train, ROOT/val."""
+    from torchvision import transforms as T
+
+    if batch_size < 1 or workers < 0 or image_size < 1:
+        raise DataError(
+            f"need batch_size >= 1, workers >= 0, image_size >= 1; got {batch_size}, {workers}, "
+            f"{image_size}"
+        )
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"ImageNet root {root} does not exist: expected the layout {LAYOUT}")
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose(
+        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    )
+    # 256/224 resize ratio, the standard evaluation protocol, kept for other image sizes.
+    val_tf = T.Compose(
+        [
+            T.Resize(round(image_size * 256 / 224)),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            normalize,
+        ]
+    )
+    train_set = _image_folder(root / "train", train_tf)
+    val_set = _image_folder(root / "val", val_tf)
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise DataError(
+            f"ImageNet train and val class folders differ under {root}: only in train "
+            f"{only_train[:5]}{'...' if len(only_train) > 5 else ''}, only in val "
+            f"{only_val[:5]}{'...' if len(only_val) > 5 else ''}"
+        )
+    train, val = IndexedDataset(train_set), IndexedDataset(val_set)
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+    }
+    if distributed:
+        # The engine calls train_loader.sampler.set_epoch(epoch) each epoch.
+        train_sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True)
+        val_sampler = DistributedSampler(val, shuffle=False, seed=seed)
+        train_loader = DataLoader(
+            train, batch_size, sampler=train_sampler, drop_last=True, **common
+        )
+        val_loader = DataLoader(val, eval_batch_size or batch_size, sampler=val_sampler, **common)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(
+            train, batch_size, shuffle=True, drop_last=True, generator=g, **common
+        )
+        val_loader = DataLoader(val, eval_batch_size or batch_size, shuffle=False, **common)
+    return train_loader, val_loader, len(train_set.classes)

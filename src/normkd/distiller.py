@@ -1,0 +1,116 @@
+"""Teacher + student + loss terms -> a dict of named, weighted losses. No training loop here.
+
+The distiller only collects the taps the terms declare, calls each term and weights it; the
+trainer sums, logs and steps. The teacher is frozen, always in eval mode, run under no_grad, and
+kept out of ``parameters()``/``state_dict()`` so optimisers, DDP and checkpoints never see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normkd.losses.base import LossTerm, StepState, Taps
+from normkd.models.taps import TapSpec, capture, get_module, get_taps
+from normkd.norm import FTStudent
+
+
+def standardize_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """The authors' logit standardisation: layer norm over classes (no affine), times ``scale``."""
+    return F.layer_norm(logits, logits.shape[-1:], eps=1e-7) * scale
+
+
+class Distiller(nn.Module):
+    """Holds the student (with FT when NORM is used), the frozen teacher and weighted terms."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        terms: dict[str, LossTerm],
+        weights: dict[str, float],
+        teacher: nn.Module | None = None,
+        logit_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if set(terms) != set(weights):
+            raise ValueError("every loss term needs a weight")
+        self.student = student
+        self.terms = nn.ModuleDict(terms)
+        self.weights = dict(weights)
+        self.logit_scale = logit_scale
+        plain = student.student if isinstance(student, FTStudent) else student
+        self.s_spec: TapSpec = get_taps(plain)
+        self._s_plain = [plain]  # a list keeps it from being registered twice
+        self.s_needs = frozenset().union(*(t.student_taps for t in terms.values()))
+        self.t_needs = frozenset().union(*(t.teacher_taps for t in terms.values()))
+        if self.t_needs and teacher is None:
+            raise ValueError(f"loss terms {sorted(terms)} need a teacher")
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or saved
+        self.t_spec: TapSpec | None = None
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+            self.t_spec = get_taps(teacher)
+
+    # The teacher follows .to()/.half() etc. but stays out of parameters() and state_dict().
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn)
+        return self
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @contextlib.contextmanager
+    def _collect(self, model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iterator[Taps]:
+        taps = Taps()
+        names = ([spec.feat] if "feat" in needs else []) + (
+            list(spec.stages) if "stages" in needs else []
+        )
+        handle = None
+        if "pooled" in needs:
+
+            def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                taps.pooled = args[0]
+
+            handle = get_module(model, spec.classifier).register_forward_pre_hook(grab)
+        try:
+            with capture(model, names) as maps:
+                yield taps
+                taps.feat = maps.get(spec.feat) if "feat" in needs else None
+                taps.stages = [maps[s] for s in spec.stages] if "stages" in needs else []
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One step's student logits and ``{term: weight * w(epoch) * value}``."""
+        t_taps = None
+        if self.teacher is not None and self.t_needs:
+            assert self.t_spec is not None
+            with torch.no_grad(), self._collect(self.teacher, self.t_spec, self.t_needs) as t_taps:
+                t_taps.logits = self.teacher(x)
+        with self._collect(self._s_plain[0], self.s_spec, self.s_needs) as s_taps:
+            logits = self.student(x)
+        s_taps.logits = logits
+        if self.logit_scale is not None:
+            s_taps.logits = standardize_logits(logits, self.logit_scale)
+            if t_taps is not None and t_taps.logits is not None:
+                t_taps.logits = standardize_logits(t_taps.logits, self.logit_scale)
+        expanded = self.student.expanded if isinstance(self.student, FTStudent) else None
+        state = StepState(x, y, idx, epoch, s_taps, t_taps, expanded)
+        losses = {
+            name: term(state) * (self.weights[name] * term.weight_at(epoch))
+            for name, term in self.terms.items()
+        }
+        return logits, losses

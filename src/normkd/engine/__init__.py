@@ -1,0 +1,5 @@
+"""Training engine: trainer loop, schedules, checkpoints, logs."""
+
+from normkd.engine.trainer import NonFiniteLossError, RunExistsError, RunResult, evaluate, fit
+
+__all__ = ["NonFiniteLossError", "RunExistsError", "RunResult", "evaluate", "fit"]

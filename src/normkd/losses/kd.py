@@ -1,0 +1,31 @@
+"""Hinton et al. (2015) knowledge distillation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from normkd.losses.base import LossTerm, StepState
+
+
+def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher_T || student_T) averaged over the batch, times T^2 (keeps gradient scale)."""
+    log_p_s = F.log_softmax(s_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(t_logits.detach() / temperature, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+class KDLoss(LossTerm):
+    """Soft-target KL between temperature-softened student and teacher distributions."""
+
+    kind = "kd"
+    teacher_taps = frozenset({"logits"})
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, state: StepState) -> torch.Tensor:
+        assert state.teacher is not None
+        return kd_loss(state.student.logits, state.teacher.logits, self.temperature)
