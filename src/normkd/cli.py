@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from normkd import __version__
@@ -112,6 +113,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from normkd.norm import FTStudent, max_logit_diff, merge_ft
 
     src = args.source
+    if not src.exists():
+        raise UserError(f"merge source not found: {src} (expected RUN_DIR or RUN_DIR/last.pt)")
     ckpt_path = src / ("best.pt" if args.best else "last.pt") if src.is_dir() else src
     run_dir = ckpt_path.parent
     recipe = load_recipe(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
@@ -158,15 +161,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     shape = tuple(int(s) for s in args.input_shape.split(","))
     x = torch.randn(1, *shape)
     args.onnx.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        model,
-        (x,),
-        str(args.onnx),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # The TorchScript exporter needs no extra package (the dynamo one needs onnxscript).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(args.onnx),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
     msg = f"exported {path} ({meta['model']}) -> {args.onnx}"
     try:
         import onnxruntime as ort

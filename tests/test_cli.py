@@ -1,0 +1,107 @@
+"""The command line: help, exit codes, merge and ONNX export of a NORM student."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from normkd.cli import build_parser, main
+from normkd.engine.checkpoint import load_model_file
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+FAST = ["data.n_train=200", "engine.device=cpu", "optim.epochs=1"]
+
+
+def _sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def norm_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli")
+    assert (
+        main(
+            [
+                "train",
+                str(DEMO / "teacher.yaml"),
+                "--out-dir",
+                str(out),
+                "--quiet",
+                *_sets([*FAST, "student.model=resnet8"]),
+            ]
+        )
+        == 0
+    )
+    teacher = out / "demo_teacher" / "model.safetensors"
+    assert (
+        main(
+            [
+                "distill",
+                str(DEMO / "norm.yaml"),
+                "--out-dir",
+                str(out),
+                "--quiet",
+                *_sets([*FAST, "teacher.model=resnet8", f"teacher.weights={teacher}"]),
+            ]
+        )
+        == 0
+    )
+    return out / "demo_norm"
+
+
+def test_help_lists_every_subcommand():
+    text = build_parser().format_help()
+    for cmd in ["demo", "train", "distill", "eval", "merge", "export", "list-models"]:
+        assert cmd in text
+    sub = subprocess.run(
+        [sys.executable, "-m", "normkd", "distill", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--resume" in sub.stdout and "--set" in sub.stdout and "--dry-run" in sub.stdout
+
+
+def test_merge_command_writes_plain_student_and_reports_difference(norm_run, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(norm_run), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "max |logit diff|" in text
+    merged, meta = load_model_file(out)
+    deployed, _ = load_model_file(norm_run / "model.safetensors")
+    assert meta["model"] == "resnet8"
+    for k, v in deployed.state_dict().items():
+        assert torch.allclose(v, merged.state_dict()[k], atol=1e-6), k
+
+
+def test_export_onnx_matches_pytorch(norm_run, tmp_path, capsys):
+    out = tmp_path / "student.onnx"
+    assert main(["export", str(norm_run), "--onnx", str(out), "--input-shape", "3,8,8"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "onnxruntime max |logit diff|" in text
+    diff = float(text.rsplit(":", 1)[1])
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "nope.yaml"], "recipe not found"),
+        (["distill", str(DEMO / "teacher.yaml")], "run it with `normkd train`"),
+        (["train", str(DEMO / "teacher.yaml"), "--set", "student.model=foo"], "valid names"),
+        (["train", str(DEMO / "teacher.yaml"), "--set", "optim.lr=-1"], "optim.lr"),
+        (["eval", "no/such/run"], "no model file"),
+        (["merge", "no/such/run", "--out", "x.safetensors"], "not found"),
+        (["demo", "--methods", "telepathy"], "unknown demo method"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line_and_no_traceback(argv, needle, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "normkd", *argv], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
