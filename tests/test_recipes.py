@@ -1,0 +1,229 @@
+"""The shipped recipes (src/normkd/configs/): every one loads, names are unique, each paper pair has
+its full set of methods with the settings MISSION.md names, and dry runs build every model pairing
+on fake data without writing a run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import normkd
+from normkd.cli import main
+from normkd.config import CETerm, KDTerm, NormTerm, Recipe, load_recipe
+
+CONFIGS = Path(normkd.__file__).parent / "configs"
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
+METHODS = {"vanilla", "kd", "norm", "norm_kd", "norm_authors"}
+
+CIFAR = CONFIGS / "cifar100"
+CIFAR_PAIRS = {
+    ("resnet56", "resnet20"),
+    ("resnet110", "resnet32"),
+    ("resnet32x4", "resnet8x4"),
+    ("wrn_40_2", "wrn_16_2"),
+    ("wrn_40_2", "wrn_40_1"),
+    ("vgg13", "vgg8"),
+    ("vgg13", "MobileNetV2"),
+    ("ResNet50", "MobileNetV2"),
+    ("ResNet50", "vgg8"),
+    ("resnet32x4", "ShuffleV1"),
+    ("resnet32x4", "ShuffleV2"),
+    ("wrn_40_2", "ShuffleV1"),
+}
+CIFAR_TEACHERS = {t for t, _ in CIFAR_PAIRS}
+LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01 in the CRD benchmark
+
+IMAGENET = CONFIGS / "imagenet"
+IMAGENET_PAIRS = {
+    ("resnet34", "resnet18"),
+    ("resnet50", "mobilenet_v1"),
+    ("resnet50", "resnet50_1_4"),
+}
+
+
+def _pair_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and "__" in d.name)
+
+
+def _split(d: Path) -> tuple[str, str]:
+    teacher, student = d.name.split("__")
+    return teacher, student
+
+
+def _terms(recipe: Recipe) -> dict[str, CETerm | KDTerm | NormTerm]:
+    return {t.kind: t for t in recipe.loss}
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(CONFIGS))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_rel)
+def test_recipe_loads(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name
+    first = path.read_text().lstrip().splitlines()[0]
+    assert first.startswith("# "), f"{_rel(path)}: start with a comment saying what it is"
+
+
+def test_names_unique() -> None:
+    seen: dict[str, str] = {}
+    for path in RECIPES:
+        name = load_recipe(path).name
+        assert name not in seen, f"{_rel(path)} reuses the name {name!r} of {seen.get(name)}"
+        seen[name] = _rel(path)
+
+
+def test_pair_folders_complete() -> None:
+    cifar = {_split(d) for d in _pair_dirs(CIFAR)}
+    assert cifar == CIFAR_PAIRS
+    assert {_split(d) for d in _pair_dirs(IMAGENET)} == IMAGENET_PAIRS
+    for d in _pair_dirs(CIFAR) + _pair_dirs(IMAGENET):
+        files = {p.stem for p in d.glob("*.yaml")}
+        assert files >= METHODS | {"_pair"}, f"{d.name}: missing {METHODS - files}"
+    assert {p.stem for p in (CIFAR / "teachers").glob("*.yaml")} == CIFAR_TEACHERS
+
+
+@pytest.mark.parametrize("d", _pair_dirs(CIFAR) + _pair_dirs(IMAGENET), ids=lambda d: d.name)
+def test_pair_models_match_folder(d: Path) -> None:
+    teacher, student = _split(d)
+    for path in sorted(d.glob("[!_]*.yaml")):
+        r = load_recipe(path)
+        assert r.student.model == student, _rel(path)
+        if path.stem == "vanilla":
+            assert r.task == "train" and r.teacher is None
+            assert list(_terms(r)) == ["ce"]
+        else:
+            assert r.task == "distill" and r.teacher is not None, _rel(path)
+            assert r.teacher.model == teacher, _rel(path)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("d", _pair_dirs(CIFAR), ids=lambda d: d.name)
+def test_cifar_pair_settings(d: Path) -> None:
+    teacher, student = _split(d)
+    r = {p.stem: load_recipe(p) for p in d.glob("[!_]*.yaml")}
+    for rec in r.values():  # the CRD benchmark schedule
+        o = rec.optim
+        assert (rec.data.kind, rec.data.batch_size, str(rec.data.root)) == (
+            "cifar100",
+            64,
+            "data/cifar100",
+        )
+        assert (o.epochs, o.schedule, o.milestones, o.lr_decay) == (
+            240,
+            "multistep",
+            [150, 180, 210],
+            0.1,
+        )
+        assert (o.momentum, o.weight_decay) == (0.9, 5e-4)
+        assert o.lr == (0.01 if student in LOW_LR_STUDENTS else 0.05)
+    # the teacher checkpoint is the file the teacher recipe writes
+    t_recipe = load_recipe(CIFAR / "teachers" / f"{teacher}.yaml")
+    assert r["kd"].teacher is not None
+    assert r["kd"].teacher.weights == t_recipe.run_dir() / "model.safetensors"
+
+    kd = _terms(r["kd"])
+    assert (kd["ce"].weight, kd["kd"].weight, kd["kd"].temperature) == (0.1, 0.9, 4.0)
+    for method in ("norm", "norm_kd", "norm_authors"):
+        norm = r[method].norm
+        assert norm is not None and (norm.n, norm.ramp, norm.weight) == (8, "cifar", 1.0)
+        assert norm.bn and norm.residual and norm.reduce == "max"
+    assert not r["norm"].logit_standardization.enabled
+    assert set(_terms(r["norm"])) == {"ce", "norm"} and _terms(r["norm"])["ce"].weight == 1.0
+    assert set(_terms(r["norm_kd"])) == {"ce", "kd", "norm"}
+    authors = r["norm_authors"]
+    assert authors.logit_standardization.enabled and authors.logit_standardization.scale == 2.5
+    assert set(_terms(authors)) == {"ce", "norm"}  # alpha = 0 in the authors' scripts
+    assert _terms(authors)["ce"].weight in {0.0625, 0.1, 0.125, 0.25, 0.5}
+
+
+@pytest.mark.parametrize("path", sorted((CIFAR / "teachers").glob("*.yaml")), ids=_rel)
+def test_cifar_teacher_settings(path: Path) -> None:
+    r = load_recipe(path)
+    assert r.task == "train" and r.teacher is None and r.student.model == path.stem
+    assert list(_terms(r)) == ["ce"]
+    assert (r.optim.lr, r.optim.epochs, r.optim.milestones) == (0.05, 240, [150, 180, 210])
+    assert r.run_dir() == Path("runs/cifar100/teachers") / path.stem
+
+
+@pytest.mark.parametrize("d", _pair_dirs(IMAGENET), ids=lambda d: d.name)
+def test_imagenet_pair_settings(d: Path) -> None:
+    teacher, _student = _split(d)
+    r = {p.stem: load_recipe(p) for p in d.glob("[!_]*.yaml")}
+    for rec in r.values():
+        o, e = rec.optim, rec.engine
+        assert (rec.data.kind, rec.data.batch_size, rec.data.workers) == ("imagenet", 256, 8)
+        assert (o.epochs, o.lr, o.weight_decay, o.momentum) == (100, 0.1, 1e-4, 0.9)
+        assert (e.amp, e.channels_last, e.out_dir) == ("bf16", True, Path("runs/imagenet"))
+        if rec.teacher is not None:  # torchvision's file, named by the user, never downloaded
+            assert rec.teacher.weights is not None
+            assert rec.teacher.weights.parent == Path("data/pretrained")
+            assert rec.teacher.weights.name.startswith(f"{teacher}-")
+    for method in ("vanilla", "kd", "norm", "norm_kd"):
+        assert (r[method].optim.schedule, r[method].optim.step_size) == ("step", 30)
+    kd = _terms(r["kd"])
+    assert (kd["ce"].weight, kd["kd"].weight, kd["kd"].temperature) == (0.5, 0.5, 1.0)
+    for method in ("norm", "norm_kd", "norm_authors"):
+        norm = r[method].norm
+        assert norm is not None and (norm.n, norm.ramp, norm.weight) == (8, "imagenet", 1.0)
+    assert not r["norm"].logit_standardization.enabled
+    assert r["norm_authors"].logit_standardization.enabled
+    assert set(_terms(r["norm_authors"])) == {"ce", "norm"}
+
+
+# --------------------------------------------------------------------------- dry runs
+
+DRY_PAIR = CIFAR / "resnet32x4__resnet8x4"
+DRY_RUNS = sorted(
+    set(DRY_PAIR.glob("[!_]*.yaml"))
+    | {d / "norm.yaml" for d in _pair_dirs(CIFAR)}
+    | set((CIFAR / "teachers").glob("*.yaml"))
+    | {p for d in _pair_dirs(IMAGENET) for p in d.glob("[!_]*.yaml")}
+)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny-batch forwards gain nothing from intra-op threads and lose much on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("path", DRY_RUNS, ids=_rel)
+def test_dry_run(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`normkd train|distill RECIPE --dry-run` builds models and a batch, on fake data here."""
+    recipe = load_recipe(path)
+    out_dir = tmp_path / "runs"
+    batch = 2 if recipe.data.kind == "imagenet" else 4
+    argv = [recipe.task, str(path), "--dry-run"]
+    for kv in (
+        f"data.batch_size={batch}",
+        f"data.eval_batch_size={batch}",
+        "engine.device=cpu",
+        f"engine.out_dir={out_dir}",
+        f"data.root={tmp_path / 'no-such-data'}",
+    ):
+        argv += ["--set", kv]
+    if recipe.teacher is not None:  # no trained teacher here: random weights are enough to build
+        argv += ["--set", "teacher.weights=null"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "dry run ok (FAKE data: the real folder is absent)" in printed
+    assert recipe.name in printed and f"student {recipe.student.model}" in printed
+    classes = 1000 if recipe.data.kind == "imagenet" else 100
+    assert f"-> logits ({batch}, {classes})" in printed
+    for kind in _terms(recipe):
+        assert f"{kind}=" in printed
+    assert not out_dir.exists(), "a dry run must not create the run directory"
