@@ -7,6 +7,7 @@ line without a traceback; 130 interrupted. A traceback means a bug in normkd.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -56,7 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"{args.config} is a '{recipe.task}' recipe; run it with `normkd {recipe.task}`"
         )
     result = fit(recipe, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
-    if args.dry_run:
+    if args.dry_run or int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(
         f"done: {recipe.name}: best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch + 1}), "
@@ -128,7 +129,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     student, teacher, _plain = build_models(
         recipe, data.num_classes, data.in_shape, allow_untrained=True
     )
-    distiller = build_distiller(recipe, student, teacher)
+    distiller = build_distiller(recipe, student, teacher, data)
     distiller.load_state_dict(state["distiller"])
     assert isinstance(distiller.student, FTStudent)
     merged = merge_ft(distiller.student)

@@ -98,9 +98,51 @@ class NormTerm(_Term):
     ramp: Literal["none", "cifar", "imagenet"] = "none"
 
 
-TERM_TYPES = (CETerm, KDTerm, NormTerm)
-Term = Annotated[CETerm | KDTerm | NormTerm, Field(discriminator="kind")]
-TEACHER_TERMS = {"kd", "norm"}
+class FitNetTerm(_Term):
+    """FitNets hint: a student stage through a learned regressor, MSE to the teacher's stage."""
+
+    kind: Literal["fitnet"] = "fitnet"
+    weight: NonNegativeFloat = 100.0  # RepDistiller CIFAR-100: -b 100 with CE weight 1
+    stage: int = 2  # index into TapSpec.stages (RepDistiller --hint_layer 2); negative from end
+    teacher_stage: int | None = None  # default: the same index as the student's
+
+
+class ATTerm(_Term):
+    """Attention transfer over the stage pairs after the stem."""
+
+    kind: Literal["at"] = "at"
+    weight: NonNegativeFloat = 1000.0  # RepDistiller CIFAR-100: -b 1000
+    p: PositiveFloat = 2.0
+
+
+class CRDTerm(_Term):
+    """Contrastive representation distillation with momentum memory banks."""
+
+    kind: Literal["crd"] = "crd"
+    weight: NonNegativeFloat = 0.8  # RepDistiller CIFAR-100: -b 0.8 with CE weight 1
+    feat_dim: PositiveInt = 128
+    nce_k: PositiveInt = 16384  # capped at the training-set size - 1
+    nce_t: PositiveFloat = 0.07
+    nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    negatives: Literal["other_classes", "any"] = "other_classes"
+
+
+class DKDTerm(_Term):
+    """Decoupled KD: alpha * TCKD + beta * NCKD, linearly warmed up over ``warmup`` epochs."""
+
+    kind: Literal["dkd"] = "dkd"
+    alpha: NonNegativeFloat = 1.0
+    beta: NonNegativeFloat = 8.0  # mdistiller CIFAR-100 configs use 2, 6 or 8 depending on the pair
+    temperature: PositiveFloat = 4.0
+    warmup: NonNegativeInt = 20  # epochs; 0 disables the warm-up
+
+
+TERM_TYPES = (CETerm, KDTerm, NormTerm, FitNetTerm, ATTerm, CRDTerm, DKDTerm)
+Term = Annotated[
+    CETerm | KDTerm | NormTerm | FitNetTerm | ATTerm | CRDTerm | DKDTerm,
+    Field(discriminator="kind"),
+]
+TEACHER_TERMS = {"kd", "norm", "fitnet", "at", "crd", "dkd"}
 
 
 class LogitStdCfg(_Strict):
@@ -123,6 +165,10 @@ class OptimCfg(_Strict):
     step_size: PositiveInt = 30
     lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     warmup_epochs: NonNegativeInt = 0
+    # data.batch_size is the global batch over all processes; with "linear", the lr used is
+    # lr * global_batch / lr_reference_batch (Goyal et al.), so recipes stay valid when it changes.
+    lr_scaling: Literal["none", "linear"] = "none"
+    lr_reference_batch: PositiveInt = 256
 
     @model_validator(mode="after")
     def _check(self) -> OptimCfg:
@@ -145,6 +191,7 @@ class EngineCfg(_Strict):
     run_name: str | None = None
     quiet: bool = False
     eval_every: PositiveInt = 1
+    sync_bn: bool = False  # multi-GPU: synchronise the student's BatchNorm statistics across ranks
 
     @field_validator("device")
     @classmethod
@@ -278,15 +325,19 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            kind = next((p for p in e["loc"] if isinstance(p, str) and p in _KINDS), None)
+            if kind is not None:
+                msg += f"; valid keys for '{kind}': {', '.join(sorted(_TERM_FIELDS[kind]))}"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown loss term kind; valid kinds: {', '.join(sorted(_KINDS))}"
+            msg = f"unknown loss term kind; valid kinds: {', '.join(_KINDS)}"
         elif e["type"] == "union_tag_not_found":
-            msg = f"each loss term needs 'kind' (one of: {', '.join(sorted(_KINDS))})"
+            msg = f"each loss term needs 'kind' (one of: {', '.join(_KINDS)})"
         msgs.append(f"{loc}: {msg}" if loc else msg)
     return f"{source}: " + "; ".join(msgs)
 
 
-_KINDS = {t.model_fields["kind"].default for t in TERM_TYPES}
+_KINDS = tuple(t.model_fields["kind"].default for t in TERM_TYPES)  # listed in this order
+_TERM_FIELDS = {t.model_fields["kind"].default: list(t.model_fields) for t in TERM_TYPES}
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:

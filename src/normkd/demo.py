@@ -25,6 +25,12 @@ LABELS = {
     "kd": "KD",
     "norm": "NORM",
     "norm_kd": "NORM+KD",
+    "fitnet": "FitNet",
+    "at": "AT",
+    "crd": "CRD",
+    "dkd": "DKD",
+    "norm_crd": "NORM+CRD",
+    "norm_dkd": "NORM+DKD",
 }
 
 
@@ -89,12 +95,14 @@ def run_demo(
                 flush=True,
             )
 
+    n_train = teacher_recipe.data.n_train
     table = _table(results, teacher, n_seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "results.md"
     png = out_dir / "results.png"
     header = (
-        f"# normkd demo: digits (1,000 train / 797 test), {n_seeds} seed(s)\n\n"
+        f"# normkd demo: digits ({n_train:,} train / {1797 - n_train:,} test images), "
+        f"{n_seeds} seed(s)\n\n"
         f"Teacher {teacher_recipe.student.model}: top-1 {teacher.final_top1:.2f}%. "
         f"Device: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{time.strftime('%Y-%m-%d')}. Wall time {time.perf_counter() - t0:.0f} s.\n\n"

@@ -24,6 +24,30 @@ def standardize_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return F.layer_norm(logits, logits.shape[-1:], eps=1e-7) * scale
 
 
+@contextlib.contextmanager
+def collect_taps(model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iterator[Taps]:
+    """Hook ``model`` (the plain network) so forwards in the block fill the ``needs`` taps."""
+    taps = Taps()
+    names = ([spec.feat] if "feat" in needs else []) + (
+        list(spec.stages) if "stages" in needs else []
+    )
+    handle = None
+    if "pooled" in needs:
+
+        def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            taps.pooled = args[0]
+
+        handle = get_module(model, spec.classifier).register_forward_pre_hook(grab)
+    try:
+        with capture(model, names) as maps:
+            yield taps
+            taps.feat = maps.get(spec.feat) if "feat" in needs else None
+            taps.stages = [maps[s] for s in spec.stages] if "stages" in needs else []
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 class Distiller(nn.Module):
     """Holds the student (with FT when NORM is used), the frozen teacher and weighted terms."""
 
@@ -69,28 +93,6 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
-    @contextlib.contextmanager
-    def _collect(self, model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iterator[Taps]:
-        taps = Taps()
-        names = ([spec.feat] if "feat" in needs else []) + (
-            list(spec.stages) if "stages" in needs else []
-        )
-        handle = None
-        if "pooled" in needs:
-
-            def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-                taps.pooled = args[0]
-
-            handle = get_module(model, spec.classifier).register_forward_pre_hook(grab)
-        try:
-            with capture(model, names) as maps:
-                yield taps
-                taps.feat = maps.get(spec.feat) if "feat" in needs else None
-                taps.stages = [maps[s] for s in spec.stages] if "stages" in needs else []
-        finally:
-            if handle is not None:
-                handle.remove()
-
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,9 +100,9 @@ class Distiller(nn.Module):
         t_taps = None
         if self.teacher is not None and self.t_needs:
             assert self.t_spec is not None
-            with torch.no_grad(), self._collect(self.teacher, self.t_spec, self.t_needs) as t_taps:
+            with torch.no_grad(), collect_taps(self.teacher, self.t_spec, self.t_needs) as t_taps:
                 t_taps.logits = self.teacher(x)
-        with self._collect(self._s_plain[0], self.s_spec, self.s_needs) as s_taps:
+        with collect_taps(self._s_plain[0], self.s_spec, self.s_needs) as s_taps:
             logits = self.student(x)
         s_taps.logits = logits
         if self.logit_scale is not None:

@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from normkd.config import CETerm, KDTerm, NormTerm, Recipe
-from normkd.distiller import Distiller
+from normkd.config import (
+    ATTerm,
+    CETerm,
+    CRDTerm,
+    DKDTerm,
+    FitNetTerm,
+    KDTerm,
+    NormTerm,
+    Recipe,
+)
+from normkd.distiller import Distiller, collect_taps
 from normkd.errors import ConfigError, DataError
-from normkd.losses import CELoss, KDLoss, LossTerm, NORMLoss
+from normkd.losses import (
+    TAP_KINDS,
+    ATLoss,
+    CELoss,
+    CRDLoss,
+    DKDLoss,
+    FitNetLoss,
+    KDLoss,
+    LossTerm,
+    NORMLoss,
+    TapShapes,
+)
 from normkd.models import create_model, get_taps
-from normkd.norm import attach_ft
+from normkd.norm import FTStudent, attach_ft
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,6 +75,12 @@ def build_data(
 
     cfg = recipe.data
     seed = recipe.engine.seed
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"data.batch_size is the global batch ({cfg.batch_size}); it must be divisible by the "
+            f"number of processes ({world_size})"
+        )
+    batch_size = cfg.batch_size // world_size  # per process
     fake = False
     if cfg.kind == "imagenet":
         if cfg.root is None and not dry_run:
@@ -63,7 +90,7 @@ def build_data(
                 raise DataError("no data.root")
             train, test, num_classes = imagenet_loaders(
                 cfg.root,
-                cfg.batch_size,
+                batch_size,
                 cfg.workers,
                 eval_batch_size=cfg.eval_batch_size,
                 distributed=world_size > 1,
@@ -98,7 +125,7 @@ def build_data(
     train = DeviceLoader(
         split.x_train,
         split.y_train,
-        cfg.batch_size,
+        batch_size,
         device=device,
         mean=split.mean,
         std=split.std,
@@ -127,8 +154,23 @@ def build_data(
     return Data(train, test, split.num_classes, in_shape, dict(split.info), fake)  # type: ignore[arg-type]
 
 
-def build_terms(recipe: Recipe) -> tuple[dict[str, LossTerm], dict[str, float]]:
-    """Recipe loss list -> term modules and their weights."""
+SIZED_TERMS = (FitNetTerm, CRDTerm)  # terms that own modules sized from the taps and the data
+
+
+@dataclass(frozen=True)
+class TermContext:
+    """What terms owning modules or memory banks need at construction, measured by the builder."""
+
+    student: TapShapes  # the student as trained (its pooled tap after FT)
+    teacher: TapShapes | None
+    dataset_size: int
+    train_labels: torch.Tensor | None = None
+
+
+def build_terms(
+    recipe: Recipe, ctx: TermContext | None = None
+) -> tuple[dict[str, LossTerm], dict[str, float]]:
+    """Recipe loss list -> term modules and their weights (FitNet and CRD need ``ctx``)."""
     terms: dict[str, LossTerm] = {}
     weights: dict[str, float] = {}
     for t in recipe.loss:
@@ -138,11 +180,96 @@ def build_terms(recipe: Recipe) -> tuple[dict[str, LossTerm], dict[str, float]]:
             term = KDLoss(t.temperature)
         elif isinstance(t, NormTerm):
             term = NORMLoss(t.n, t.reduce, t.ramp, recipe.optim.epochs)
+        elif isinstance(t, ATTerm):
+            term = ATLoss(t.p)
+        elif isinstance(t, DKDTerm):
+            term = DKDLoss(t.alpha, t.beta, t.temperature, t.warmup)
+        elif isinstance(t, FitNetTerm):
+            s, te = _shapes(ctx, t.kind)
+            ti = t.stage if t.teacher_stage is None else t.teacher_stage
+            s_shape = _stage(s, t.stage, f"loss fitnet: stage of student {recipe.student.model}")
+            t_shape = _stage(te, ti, f"loss fitnet: teacher_stage of teacher {_teacher(recipe)}")
+            try:
+                term = FitNetLoss(s_shape, t_shape, t.stage, ti)
+            except ValueError as err:
+                raise ConfigError(f"loss fitnet: {err}") from None
+        elif isinstance(t, CRDTerm):
+            s, te = _shapes(ctx, t.kind)
+            assert ctx is not None
+            labels = ctx.train_labels if t.negatives == "other_classes" else None
+            if t.negatives == "other_classes" and labels is None:
+                raise ConfigError(
+                    "loss crd: negatives 'other_classes' needs the training labels, which this "
+                    "data source does not expose; set negatives: any"
+                )
+            term = CRDLoss(
+                s.pooled[0],
+                te.pooled[0],
+                ctx.dataset_size,
+                t.feat_dim,
+                t.nce_k,
+                t.nce_t,
+                t.nce_m,
+                labels=labels,
+            )
         else:  # pragma: no cover - config validation prevents this
             raise ConfigError(f"unsupported loss term {t!r}")
         terms[t.kind] = term
         weights[t.kind] = t.weight
     return terms, weights
+
+
+def _teacher(recipe: Recipe) -> str:
+    return recipe.teacher.model if recipe.teacher is not None else "?"
+
+
+def _shapes(ctx: TermContext | None, kind: str) -> tuple[TapShapes, TapShapes]:
+    """Student and teacher tap shapes, or a clear error for a builder that did not measure them."""
+    if ctx is None or ctx.teacher is None:
+        raise ValueError(
+            f"loss term {kind!r} sizes its modules from the models' tap shapes: "
+            "pass a TermContext (build_distiller does, given the data)"
+        )
+    return ctx.student, ctx.teacher
+
+
+def _stage(shapes: TapShapes, i: int, what: str) -> tuple[int, ...]:
+    n = len(shapes.stages)
+    if not -n <= i < n:
+        raise ConfigError(f"{what}: index {i} is out of range; valid: {-n}..{n - 1} ({n} stages)")
+    return shapes.stages[i]
+
+
+@torch.no_grad()
+def tap_shapes(model: nn.Module, example: torch.Tensor) -> TapShapes:
+    """Shapes of every tap of ``model`` (an FT student: its pooled tap after FT), eval mode."""
+    plain = model.student if isinstance(model, FTStudent) else model
+    was = model.training
+    model.eval()
+    try:
+        with collect_taps(plain, get_taps(plain), frozenset(TAP_KINDS)) as taps:
+            model(example)
+    finally:
+        model.train(was)
+    return TapShapes.of(taps)
+
+
+def term_context(student: nn.Module, teacher: nn.Module | None, data: Data) -> TermContext:
+    """Measure tap shapes on a zero batch and read the training set's size and labels."""
+    param = next(student.parameters())
+    example = torch.zeros(2, *data.in_shape, device=param.device, dtype=param.dtype)
+    train = data.train
+    size = getattr(train, "dataset_size", None) or len(train.dataset)
+    labels = getattr(train, "y", None)  # DeviceLoader
+    if labels is None:  # DataLoader over IndexedDataset(ImageFolder)
+        targets = getattr(getattr(getattr(train, "dataset", None), "base", None), "targets", None)
+        labels = torch.as_tensor(targets) if targets is not None else None
+    return TermContext(
+        student=tap_shapes(student, example),
+        teacher=tap_shapes(teacher, example) if teacher is not None else None,
+        dataset_size=int(size),
+        train_labels=labels.cpu() if labels is not None else None,
+    )
 
 
 def build_models(
@@ -157,11 +284,14 @@ def build_models(
                 "teacher.weights: distillation needs a trained teacher; set it to a local "
                 "checkpoint (normkd train writes RUN_DIR/model.safetensors)"
             )
+        weights = recipe.teacher.weights
+        if allow_untrained and weights is not None and not Path(weights).is_file():
+            print(
+                f"note: teacher weights {weights} not found; continuing with a random teacher (nothing is trained here)"
+            )
+            weights = None
         teacher = create_model(
-            recipe.teacher.model,
-            num_classes=num_classes,
-            weights=recipe.teacher.weights,
-            **recipe.teacher.kwargs,
+            recipe.teacher.model, num_classes=num_classes, weights=weights, **recipe.teacher.kwargs
         )
     plain = create_model(recipe.student.model, num_classes=num_classes, **recipe.student.kwargs)
     if recipe.student.weights is not None:
@@ -204,7 +334,12 @@ def _feat_hw(model: nn.Module, feat: str, example: torch.Tensor) -> tuple[int, i
     return int(h), int(w)
 
 
-def build_distiller(recipe: Recipe, student: nn.Module, teacher: nn.Module | None) -> Distiller:
-    terms, weights = build_terms(recipe)
+def build_distiller(
+    recipe: Recipe, student: nn.Module, teacher: nn.Module | None, data: Data | None = None
+) -> Distiller:
+    """Terms (sized from ``data`` and the models when a term owns modules) + models -> Distiller."""
+    sized = any(isinstance(t, SIZED_TERMS) for t in recipe.loss)
+    ctx = term_context(student, teacher, data) if sized and data is not None else None
+    terms, weights = build_terms(recipe, ctx)
     scale = recipe.logit_standardization.scale if recipe.logit_standardization.enabled else None
     return Distiller(student, terms, weights, teacher=teacher, logit_scale=scale)

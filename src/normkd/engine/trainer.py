@@ -22,6 +22,7 @@ from torch import nn
 
 from normkd.config import Recipe, recipe_from_dict, recipe_to_dict
 from normkd.distiller import Distiller
+from normkd.engine import distributed
 from normkd.engine.build import build_data, build_distiller, build_models, resolve_device
 from normkd.engine.checkpoint import load_checkpoint, save_checkpoint, save_model
 from normkd.engine.logs import MetricsCSV, TensorBoard
@@ -75,9 +76,16 @@ def _autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, amp: str = "off"
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp: str = "off",
+    ctx: distributed.DistContext | None = None,
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean CE loss over a loader of ``(x, y, idx)`` batches."""
+    """Top-1 / top-5 accuracy (%) and mean CE loss over a loader of ``(x, y, idx)`` batches.
+
+    With ``ctx``, the loader is a per-rank shard and the counts are summed over ranks.
+    """
     was = model.training
     model.eval()
     n = correct1 = correct5 = 0
@@ -97,6 +105,11 @@ def evaluate(
             n += y.numel()
     finally:
         model.train(was)
+    if ctx is not None:
+        c = distributed.all_reduce_sum(
+            {"n": n, "c1": correct1, "c5": correct5, "loss": loss_sum}, ctx, device
+        )
+        n, correct1, correct5, loss_sum = c["n"], c["c1"], c["c5"], c["loss"]
     n = max(n, 1)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
 
@@ -144,12 +157,30 @@ def fit(
 
     ``dry_run`` builds data and models, runs one forward of the distiller on a batch and returns
     without training or writing anything (fake data stands in when the real folder is absent).
+    Under torchrun (WORLD_SIZE > 1) the student trains with DDP and only rank 0 writes.
     """
+    ctx, dist_device = distributed.setup(recipe.engine.device)
+    try:
+        return _fit(recipe, ctx, dist_device, resume, overwrite, dry_run, stop_after_epoch)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _fit(
+    recipe: Recipe,
+    ctx: distributed.DistContext,
+    dist_device: torch.device | None,
+    resume: bool,
+    overwrite: bool,
+    dry_run: bool,
+    stop_after_epoch: int | None,
+) -> RunResult:
     t_start = time.perf_counter()
     run_dir = recipe.run_dir()
-    device = resolve_device(recipe.engine.device)
+    device = dist_device or resolve_device(recipe.engine.device)
     seed = recipe.engine.seed
-    quiet = recipe.engine.quiet
+    main = ctx.is_main
+    quiet = recipe.engine.quiet or not main
 
     ckpt = None
     if resume:
@@ -163,11 +194,11 @@ def fit(
             )
 
     torch.manual_seed(seed)
-    data = build_data(recipe, device, dry_run=dry_run)
+    data = build_data(recipe, device, dry_run=dry_run, rank=ctx.rank, world_size=ctx.world_size)
     student, teacher, plain = build_models(
         recipe, data.num_classes, data.in_shape, allow_untrained=dry_run
     )
-    distiller = build_distiller(recipe, student, teacher).to(device)
+    distiller = build_distiller(recipe, student, teacher, data).to(device)
     if recipe.engine.channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in plain.parameters())
@@ -177,17 +208,22 @@ def fit(
         distiller.train()
         logits, losses = distiller(x, y, idx, 0)
         note = " (FAKE data: the real folder is absent)" if data.fake else ""
-        print(
-            f"dry run ok{note}: {recipe.name}: student {recipe.student.model} "
-            f"({n_params:,} params), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
-            f"losses {', '.join(f'{k}={float(v):.4f}' for k, v in losses.items())}"
-        )
+        if main:
+            print(
+                f"dry run ok{note}: {recipe.name}: student {recipe.student.model} "
+                f"({n_params:,} params), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
+                f"losses {', '.join(f'{k}={float(v.detach()):.4f}' for k, v in losses.items())}"
+            )
         return RunResult(str(run_dir), 0, 0.0, -1, 0.0, 0.0, n_params, 0.0, fake_data=data.fake)
 
-    if not resume:
-        _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    (run_dir / "data.json").write_text(json.dumps(data.info, default=str))
+    if main:
+        if not resume:
+            _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+        )
+        (run_dir / "data.json").write_text(json.dumps(data.info, default=str))
+    distributed.barrier(ctx)
 
     opt_cfg = recipe.optim
     params = [p for p in distiller.parameters() if p.requires_grad]
@@ -199,7 +235,6 @@ def fit(
         weight_decay=opt_cfg.weight_decay,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.engine.amp == "fp16")
-    step_fn = torch.compile(distiller) if recipe.engine.compile else distiller
 
     start_epoch, best_top1, best_epoch = 0, -1.0, -1
     if ckpt is not None:
@@ -209,20 +244,63 @@ def fit(
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_top1, best_epoch = ckpt["epoch"], ckpt["best_top1"], ckpt["best_epoch"]
 
-    csv_log = MetricsCSV(run_dir / "metrics.csv", keep_below_epoch=start_epoch)
-    tb = TensorBoard(run_dir / "tb", purge_step=start_epoch)
-    history = list(csv_log.rows)
+    step_fn: nn.Module = distiller
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if recipe.engine.sync_bn:
+            if device.type != "cuda":
+                raise UserError("engine.sync_bn needs CUDA devices (PyTorch has no CPU SyncBN)")
+            distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
+        # The teacher is not a parameter of the distiller, so DDP never wraps or syncs it.
+        step_fn = DDP(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    if recipe.engine.compile:
+        step_fn = torch.compile(step_fn)
+
+    csv_log = MetricsCSV(run_dir / "metrics.csv", keep_below_epoch=start_epoch) if main else None
+    tb = TensorBoard(run_dir / "tb", purge_step=start_epoch) if main else None
+    history = list(csv_log.rows) if csv_log is not None else []
     last_epoch = (
         opt_cfg.epochs if stop_after_epoch is None else min(stop_after_epoch, opt_cfg.epochs)
     )
+    lr_scale = (
+        recipe.data.batch_size / opt_cfg.lr_reference_batch
+        if opt_cfg.lr_scaling == "linear"
+        else 1.0
+    )
+    sharded_eval = ctx.enabled and not hasattr(data.test, "set_epoch")
+    test = {"top1": 0.0, "top5": 0.0, "loss": float("nan")}
     try:
         for epoch in range(start_epoch, last_epoch):
             torch.manual_seed(seed * 1_000_003 + epoch)
-            data.train.set_epoch(epoch)
-            stats = _train_epoch(
-                distiller, step_fn, optimizer, scaler, data.train, recipe, epoch, device
+            _set_epoch(data.train, epoch)
+            sums = _train_epoch(
+                distiller,
+                step_fn,
+                optimizer,
+                scaler,
+                data.train,
+                recipe,
+                epoch,
+                device,
+                lr_scale,
+                quiet,
             )
-            test = evaluate(distiller.student, data.test, device, recipe.engine.amp)
+            elapsed = sums.pop("_seconds")
+            sums = distributed.all_reduce_sum(sums, ctx, device)
+            seen = max(sums.pop("_seen"), 1.0)
+            stats = {k: v / seen for k, v in sums.items() if k != "_correct"}
+            stats["train_top1"] = 100.0 * sums["_correct"] / seen
+            stats["lr"] = lr_at(opt_cfg, epoch, len(data.train) - 1, len(data.train)) * lr_scale
+            stats["images_per_s"] = seen / max(elapsed, 1e-9)
+            if (epoch + 1) % recipe.engine.eval_every == 0 or epoch + 1 == last_epoch:
+                test = evaluate(
+                    distiller.student,
+                    data.test,
+                    device,
+                    recipe.engine.amp,
+                    ctx=ctx if sharded_eval else None,
+                )
             if test["top1"] > best_top1:
                 best_top1, best_epoch = test["top1"], epoch
             row = {
@@ -233,25 +311,31 @@ def fit(
                 "test_loss": test["loss"],
                 "best_top1": best_top1,
             }
-            state = {
-                "epoch": epoch + 1,
-                "distiller": distiller.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
-                "recipe": recipe_to_dict(recipe),
-            }
-            csv_log.append(row)
             history.append(row)
-            tb.scalars(
-                {f"train/{k}": v for k, v in stats.items()}
-                | {"test/top1": test["top1"], "test/top5": test["top5"], "test/loss": test["loss"]},
-                epoch,
-            )
-            save_checkpoint(run_dir / "last.pt", state)
-            if best_epoch == epoch:
-                save_checkpoint(run_dir / "best.pt", state)
+            if main:
+                assert csv_log is not None and tb is not None
+                state = {
+                    "epoch": epoch + 1,
+                    "distiller": distiller.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "best_top1": best_top1,
+                    "best_epoch": best_epoch,
+                    "recipe": recipe_to_dict(recipe),
+                }
+                csv_log.append(row)
+                tb.scalars(
+                    {f"train/{k}": v for k, v in stats.items()}
+                    | {
+                        "test/top1": test["top1"],
+                        "test/top5": test["top5"],
+                        "test/loss": test["loss"],
+                    },
+                    epoch,
+                )
+                save_checkpoint(run_dir / "last.pt", state)
+                if best_epoch == epoch:
+                    save_checkpoint(run_dir / "best.pt", state)
             if not quiet:
                 print(
                     f"[{recipe.name}] epoch {epoch + 1}/{opt_cfg.epochs} "
@@ -261,7 +345,8 @@ def fit(
                     flush=True,
                 )
     finally:
-        tb.close()
+        if tb is not None:
+            tb.close()
 
     final = history[-1] if history else {}
     result = RunResult(
@@ -289,13 +374,25 @@ def fit(
         deploy = merge_ft(distiller.student)
         x, _y, _i = next(iter(data.test))
         result.ft_top1 = result.final_top1
-        result.merged_top1 = evaluate(deploy, data.test, device)["top1"]
-        result.merge_max_logit_diff = max_logit_diff(distiller.student, deploy, x)
+        result.merged_top1 = evaluate(deploy, data.test, device, ctx=ctx if sharded_eval else None)[
+            "top1"
+        ]
+        result.merge_max_logit_diff = max_logit_diff(distiller.student, deploy, x.to(device))
         meta["merged_from_ft"] = True
-    save_model(run_dir / "model.safetensors", deploy, meta)
-    summary = {k: v for k, v in asdict(result).items() if k != "history"}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        save_model(run_dir / "model.safetensors", deploy, meta)
+        summary = {k: v for k, v in asdict(result).items() if k != "history"}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    distributed.barrier(ctx)
     return result
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Device loaders and DistributedSampler-backed DataLoaders both reshuffle per epoch."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
 
 
 def _num(v: Any) -> Any:
@@ -315,8 +412,10 @@ def _train_epoch(
     recipe: Recipe,
     epoch: int,
     device: torch.device,
+    lr_scale: float = 1.0,
+    quiet: bool = False,
 ) -> dict[str, float]:
-    """One epoch of steps; returns mean losses per term, train accuracy, lr and images/s."""
+    """One epoch of steps; returns this process's sums (losses x samples, correct, seen, time)."""
     from tqdm import tqdm
 
     distiller.train()
@@ -329,13 +428,13 @@ def _train_epoch(
         loader,
         total=steps,
         desc=f"{recipe.name} {epoch + 1}/{recipe.optim.epochs}",
-        disable=recipe.engine.quiet,
+        disable=quiet,
         leave=False,
         dynamic_ncols=True,
     )
-    lr = lr_at(recipe.optim, epoch, 0, steps)
     for step, (x, y, idx) in enumerate(bar):
-        lr = lr_at(recipe.optim, epoch, step, steps)
+        x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
+        lr = lr_at(recipe.optim, epoch, step, steps) * lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _autocast(device, recipe.engine.amp):
@@ -357,11 +456,10 @@ def _train_epoch(
             sums[k] = sums.get(k, 0) + v.detach().float() * b
         sums["loss"] = sums.get("loss", 0) + total.detach().float() * b
         correct += (logits.detach().argmax(1) == y).sum()
-        if not recipe.engine.quiet and (step % 10 == 0 or step == steps - 1):
+        if not quiet and (step % 10 == 0 or step == steps - 1):
             bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.3g}")
-    elapsed = time.perf_counter() - t0
-    out = {k: float(v) / max(seen, 1) for k, v in sums.items()}
-    out["train_top1"] = 100.0 * float(correct) / max(seen, 1)
-    out["lr"] = lr
-    out["images_per_s"] = seen / max(elapsed, 1e-9)
+    out = {k: float(v) for k, v in sums.items()}
+    out["_correct"] = float(correct)
+    out["_seen"] = float(seen)
+    out["_seconds"] = time.perf_counter() - t0
     return out

@@ -26,6 +26,26 @@ class Taps:
     pooled: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TapShapes:
+    """Per-sample tap shapes of one model, so terms can size their own modules at construction."""
+
+    feat: tuple[int, ...]
+    stages: tuple[tuple[int, ...], ...]
+    pooled: tuple[int, ...]
+
+    @classmethod
+    def of(cls, taps: Taps) -> TapShapes:
+        """Shapes of example taps (the batch dimension dropped)."""
+        if taps.feat is None or taps.pooled is None:
+            raise ValueError("TapShapes.of needs taps with feat and pooled collected")
+        return cls(
+            feat=tuple(taps.feat.shape[1:]),
+            stages=tuple(tuple(s.shape[1:]) for s in taps.stages),
+            pooled=tuple(taps.pooled.shape[1:]),
+        )
+
+
 @dataclass
 class StepState:
     """Everything a term may read in one step; terms never talk to each other."""

@@ -55,4 +55,4 @@ def create_model(
 
 def _load_zoo() -> None:
     # Importing the zoo modules runs their @register_model decorators.
-    from normkd.models import cifar, imagenet  # noqa: F401
+    from normkd.models import cifar, imagenet, tiny  # noqa: F401

@@ -1,0 +1,70 @@
+"""A real zoo teacher/student pair behind the Distiller, built through the engine's own builder."""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from normkd.config import recipe_from_dict
+from normkd.distiller import Distiller
+from normkd.engine.build import TermContext, build_models, build_terms, tap_shapes
+
+IN_SHAPE = (3, 8, 8)  # the digits images
+N_TRAIN = 64
+
+
+def _distiller(loss: list[dict]) -> Distiller:
+    recipe = recipe_from_dict(
+        {
+            "name": "t",
+            "teacher": {"model": "resnet8x4"},
+            "student": {"model": "resnet8"},
+            "loss": loss,
+        }
+    )
+    student, teacher, _plain = build_models(recipe, 10, IN_SHAPE, allow_untrained=True)
+    example = torch.zeros(2, *IN_SHAPE)
+    ctx = TermContext(
+        student=tap_shapes(student, example),
+        teacher=tap_shapes(teacher, example),
+        dataset_size=N_TRAIN,
+        train_labels=torch.arange(N_TRAIN) % 10,
+    )
+    terms, weights = build_terms(recipe, ctx)
+    return Distiller(student, terms, weights, teacher=teacher)
+
+
+@pytest.fixture
+def zoo_step() -> Callable[[list[dict]], Distiller]:
+    """Build resnet8x4 -> resnet8 with ``loss``, run one training step's backward, return it."""
+
+    def run(loss: list[dict]) -> Distiller:
+        d = _distiller(loss)
+        d.train()
+        x = torch.randn(16, *IN_SHAPE)
+        y = torch.arange(16) % 10
+        _logits, losses = d(x, y, torch.arange(16), epoch=100)
+        sum(losses.values()).backward()
+        return d
+
+    return run
+
+
+def _check_grads(d: Distiller, kind: str) -> None:
+    """The student's stem and every parameter of the term get gradient; the teacher none."""
+    stem = d.student.conv1.weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+    for name, p in d.terms[kind].named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert d.teacher is not None
+    assert all(p.grad is None for p in d.teacher.parameters())
+    # What the trainer optimises (distiller.parameters()) holds the term's modules, not the teacher.
+    trained = {id(p) for p in d.parameters()}
+    assert all(id(p) in trained for p in d.terms[kind].parameters())
+    assert not any(id(p) in trained for p in d.teacher.parameters())
+
+
+@pytest.fixture
+def check_grads() -> Callable[[Distiller, str], None]:
+    """Assert gradients reach the student's stem and the term's modules, never the teacher."""
+    return _check_grads

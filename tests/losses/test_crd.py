@@ -1,0 +1,227 @@
+"""CRD: NCE against its formula, momentum memory banks, negative sampling, nce_k capping."""
+
+import math
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normkd.config import CRDTerm
+from normkd.losses import CRDLoss, StepState, Taps, nce_loss
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / torch.sqrt((v * v).sum(1, keepdim=True))
+
+
+def _state(ps: torch.Tensor, pt: torch.Tensor, idx: torch.Tensor) -> StepState:
+    y = torch.zeros(len(idx), dtype=torch.long)
+    return StepState(torch.zeros(len(idx)), y, idx, 0, Taps(pooled=ps), Taps(pooled=pt))
+
+
+def _nce_by_hand(p: torch.Tensor, n_data: int) -> torch.Tensor:
+    k = p.shape[1] - 1
+    total = 0.0
+    for row in p.tolist():
+        total += math.log(row[0] / (row[0] + k / n_data + 1e-7))
+        total += sum(math.log((k / n_data) / (x + k / n_data + 1e-7)) for x in row[1:])
+    return torch.tensor(-total / p.shape[0], dtype=torch.float64)
+
+
+def test_nce_loss_equals_its_formula():
+    p = torch.rand(4, 6, dtype=torch.float64) * 1e-2
+    assert torch.allclose(nce_loss(p, 50), _nce_by_hand(p, 50).double(), rtol=1e-9)
+
+
+def test_loss_is_two_way_nce_of_normalised_scores_against_the_other_sides_bank():
+    term = CRDLoss(5, 7, dataset_size=40, feat_dim=4, nce_k=6).double()
+    ps, pt = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    idx = torch.tensor([3, 17, 30])
+    bank_s, bank_t = term.bank_s.clone(), term.bank_t.clone()
+    torch.manual_seed(5)
+    rows = torch.cat([idx[:, None], term.sample_negatives(idx)], 1)
+    torch.manual_seed(5)  # the term draws the same negatives
+    loss = term.train()(_state(ps, pt, idx))
+    v_s = _unit(ps @ term.embed_s.weight.T + term.embed_s.bias)
+    v_t = _unit(pt @ term.embed_t.weight.T + term.embed_t.bias)
+    e_s = torch.exp((bank_t[rows] * v_s[:, None]).sum(2) / 0.07)  # student anchor, teacher bank
+    e_t = torch.exp((bank_s[rows] * v_t[:, None]).sum(2) / 0.07)  # teacher anchor, student bank
+    z_s, z_t = e_s.mean() * 40, e_t.mean() * 40  # fixed from the first batch
+    want = _nce_by_hand(e_s / z_s, 40) + _nce_by_hand(e_t / z_t, 40)
+    assert torch.allclose(loss, want.double(), rtol=1e-6)
+    assert torch.allclose(term.z, torch.stack([z_s, z_t]).detach())
+
+
+def test_normalisers_are_set_once_then_kept():
+    term = CRDLoss(5, 7, dataset_size=40, feat_dim=4, nce_k=6)
+    assert (term.z < 0).all()
+    term(_state(torch.randn(3, 5), torch.randn(3, 7), torch.tensor([0, 1, 2])))
+    z = term.z.clone()
+    assert (z > 0).all()
+    term(_state(torch.randn(3, 5) * 5, torch.randn(3, 7), torch.tensor([3, 4, 5])))
+    assert torch.equal(term.z, z)
+
+
+def test_bank_rows_of_the_batch_move_by_momentum_and_are_renormalised():
+    term = CRDLoss(5, 7, dataset_size=30, feat_dim=4, nce_k=8, nce_m=0.5)
+    ps, pt = torch.randn(3, 5), torch.randn(3, 7)
+    idx = torch.tensor([2, 11, 29])
+    old_s, old_t = term.bank_s.clone(), term.bank_t.clone()
+    term.train()(_state(ps, pt, idx))
+    with torch.no_grad():
+        v_s = _unit(ps @ term.embed_s.weight.T + term.embed_s.bias)
+        v_t = _unit(pt @ term.embed_t.weight.T + term.embed_t.bias)
+    assert torch.allclose(term.bank_s[idx], _unit(0.5 * old_s[idx] + 0.5 * v_s), atol=1e-6)
+    assert torch.allclose(term.bank_t[idx], _unit(0.5 * old_t[idx] + 0.5 * v_t), atol=1e-6)
+    assert torch.allclose(term.bank_s[idx].norm(dim=1), torch.ones(3))
+    others = torch.ones(30, dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(term.bank_s[others], old_s[others])
+    assert torch.equal(term.bank_t[others], old_t[others])
+    # Evaluation mode reads the banks but leaves them alone.
+    snap = term.bank_s.clone()
+    term.eval()(_state(ps, pt, idx))
+    assert torch.equal(term.bank_s, snap)
+
+
+def test_nce_k_is_capped_at_dataset_size_minus_one():
+    term = CRDLoss(5, 7, dataset_size=10, nce_k=16384)
+    assert term.nce_k == 9
+    neg = term.sample_negatives(torch.arange(10))
+    assert neg.shape == (10, 9)
+    assert (neg != torch.arange(10)[:, None]).all()  # never the anchor itself
+    assert neg.min() >= 0 and neg.max() < 10
+
+
+def test_negatives_come_from_other_classes_when_labels_are_given():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 0])
+    term = CRDLoss(5, 7, dataset_size=12, nce_k=500, labels=labels)
+    idx = torch.arange(12)
+    neg = term.sample_negatives(idx)
+    assert neg.shape == (12, 11)
+    assert (labels[neg] != labels[idx][:, None]).all()
+    # Every allowed row is drawn (uniform over the other classes, not a fixed subset).
+    many = torch.cat([term.sample_negatives(torch.tensor([0])) for _ in range(200)], 1)
+    assert set(many.flatten().tolist()) == set(torch.nonzero(labels != 0).flatten().tolist())
+
+
+def test_negatives_follow_the_global_rng():
+    term = CRDLoss(5, 7, dataset_size=100, nce_k=20)
+    torch.manual_seed(3)
+    a = term.sample_negatives(torch.arange(4))
+    torch.manual_seed(3)
+    assert torch.equal(term.sample_negatives(torch.arange(4)), a)
+    assert not torch.equal(term.sample_negatives(torch.arange(4)), a)
+
+
+def test_loss_is_finite_and_falls_when_optimised_on_a_fixed_batch():
+    n = 200
+    term = CRDLoss(16, 24, n, feat_dim=8, nce_k=50, labels=torch.arange(n) % 10).train()
+    ps = torch.randn(8, 16, requires_grad=True)
+    pt = torch.randn(8, 24)
+    idx = torch.arange(8) * 7
+    opt = torch.optim.SGD([ps, *term.parameters()], lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        loss = term(_state(ps, pt, idx))
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+
+
+def test_banks_and_normalisers_are_checkpointed_with_the_term():
+    term = CRDLoss(5, 7, dataset_size=30, labels=torch.arange(30) % 3)
+    keys = set(term.state_dict())
+    assert {"bank_s", "bank_t", "z"} <= keys
+    assert not any(k.startswith("neg_") for k in keys)  # rebuilt from the labels
+
+
+def test_too_small_or_single_class_sets_are_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        CRDLoss(5, 7, dataset_size=1)
+    with pytest.raises(ValueError, match="two classes"):
+        CRDLoss(5, 7, dataset_size=4, labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_recipe_defaults_are_the_crd_benchmarks():
+    c = CRDTerm()
+    assert (c.weight, c.feat_dim, c.nce_k, c.nce_t, c.nce_m) == (0.8, 128, 16384, 0.07, 0.5)
+    assert c.negatives == "other_classes"
+
+
+def test_crd_gradients_reach_student_and_both_embeddings_not_teacher(zoo_step, check_grads):
+    d = zoo_step([{"kind": "crd"}])
+    check_grads(d, "crd")
+    term = d.terms["crd"]
+    # resnet8 pools 64 channels, resnet8x4 256; 64 training images in the fixture.
+    assert term.embed_s.in_features == 64 and term.embed_t.in_features == 256
+    assert term.bank_s.shape == (64, 128) and term.nce_k == 63
+
+
+def test_with_norm_the_student_embedding_reads_the_pooled_features_after_ft(zoo_step):
+    d = zoo_step([{"kind": "norm", "n": 2}, {"kind": "crd"}])
+    seen: dict[str, torch.Tensor] = {}
+    d.terms["crd"].embed_s.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0]))
+    d.student.ft.register_forward_hook(lambda _m, _a, out: seen.update(ft=out[0]))
+    d.student.student.layer3.register_forward_hook(lambda _m, _a, out: seen.update(feat=out))
+    d(torch.randn(4, 3, 8, 8), torch.arange(4), torch.arange(4), epoch=0)
+    assert torch.allclose(seen["x"], seen["ft"].mean((2, 3)), atol=1e-6)
+    assert not torch.allclose(seen["x"], seen["feat"].mean((2, 3)), atol=1e-3)
+
+
+_DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from normkd.losses import CRDLoss, StepState, Taps
+
+def batch(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    idx = torch.arange(4) + 10 * rank
+    ps, pt = torch.randn(4, 5, generator=g), torch.randn(4, 7, generator=g)
+    y = torch.zeros(4, dtype=torch.long)
+    return StepState(torch.zeros(4), y, idx, 0, Taps(pooled=ps), Taps(pooled=pt))
+
+def worker(rank, out, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    term = CRDLoss(5, 7, dataset_size=30, feat_dim=4, nce_k=8).train()
+    b = batch(rank)
+    term(b)
+    saved = {"bank_s": term.bank_s, "bank_t": term.bank_t, "idx": b.idx}
+    saved |= {"ps": b.student.pooled, "pt": b.teacher.pooled}
+    torch.save(saved, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
+"""
+
+
+def test_under_ddp_every_rank_applies_every_ranks_bank_rows(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp_crd.py"
+    script.write_text(_DDP_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path), str(port)], check=True, timeout=120)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # One process seeing both ranks' batches at once updates the same rows the same way.
+    torch.manual_seed(0)
+    term = CRDLoss(5, 7, dataset_size=30, feat_dim=4, nce_k=8).train()
+    both = StepState(
+        torch.zeros(8),
+        torch.zeros(8, dtype=torch.long),
+        torch.cat([r0["idx"], r1["idx"]]),
+        0,
+        Taps(pooled=torch.cat([r0["ps"], r1["ps"]])),
+        Taps(pooled=torch.cat([r0["pt"], r1["pt"]])),
+    )
+    term(both)
+    for key in ("bank_s", "bank_t"):
+        assert torch.equal(r0[key], r1[key])
+        assert torch.allclose(r0[key], getattr(term, key), atol=1e-6)
