@@ -96,6 +96,9 @@ class NormTerm(_Term):
     residual: bool = True
     reduce: Literal["max", "avg"] = "max"
     ramp: Literal["none", "cifar", "imagenet"] = "none"
+    # last: the paper (FT after the last conv map). all: also match inner stages, deepest first,
+    # through training-only expand heads (the authors' ImageNet option; see losses/norm.py).
+    stages: Literal["last", "all"] = "last"
 
 
 class FitNetTerm(_Term):

@@ -179,7 +179,13 @@ def build_terms(
         elif isinstance(t, KDTerm):
             term = KDLoss(t.temperature)
         elif isinstance(t, NormTerm):
-            term = NORMLoss(t.n, t.reduce, t.ramp, recipe.optim.epochs)
+            inner = None
+            if t.stages == "all":
+                s, te = _shapes(ctx, t.kind)
+                pairs = list(zip(s.stages[-2::-1], te.stages[-2::-1]))
+                _check_norm_stage_ratios(pairs, recipe)
+                inner = [(ss[0], ts[0]) for ss, ts in pairs]
+            term = NORMLoss(t.n, t.reduce, t.ramp, recipe.optim.epochs, inner=inner)
         elif isinstance(t, ATTerm):
             term = ATLoss(t.p)
         elif isinstance(t, DKDTerm):
@@ -221,6 +227,20 @@ def build_terms(
 
 def _teacher(recipe: Recipe) -> str:
     return recipe.teacher.model if recipe.teacher is not None else "?"
+
+
+def _check_norm_stage_ratios(
+    pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], recipe: Recipe
+) -> None:
+    """``stages: all`` pools the larger map of each pair by an integer ratio; refuse others."""
+    for depth, (ss, ts) in enumerate(pairs, start=1):
+        big, small = (ss, ts) if ss[1] >= ts[1] else (ts, ss)
+        if big[1] % small[1] or big[2] % small[2] or (ss[1] - ts[1]) * (ss[2] - ts[2]) < 0:
+            raise ConfigError(
+                f"loss norm: stages 'all': inner stage {depth} (from the end) of student "
+                f"{recipe.student.model} is {ss[1]}x{ss[2]} and of teacher {_teacher(recipe)} "
+                f"{ts[1]}x{ts[2]}: no integer size ratio; use stages: last"
+            )
 
 
 def _shapes(ctx: TermContext | None, kind: str) -> tuple[TapShapes, TapShapes]:
@@ -338,7 +358,10 @@ def build_distiller(
     recipe: Recipe, student: nn.Module, teacher: nn.Module | None, data: Data | None = None
 ) -> Distiller:
     """Terms (sized from ``data`` and the models when a term owns modules) + models -> Distiller."""
-    sized = any(isinstance(t, SIZED_TERMS) for t in recipe.loss)
+    sized = any(
+        isinstance(t, SIZED_TERMS) or (isinstance(t, NormTerm) and t.stages == "all")
+        for t in recipe.loss
+    )
     ctx = term_context(student, teacher, data) if sized and data is not None else None
     terms, weights = build_terms(recipe, ctx)
     scale = recipe.logit_standardization.scale if recipe.logit_standardization.enabled else None
