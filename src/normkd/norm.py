@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkd.models.taps import TapSpec, get_module, get_taps, set_module
+from normkd.models.taps import TapSpec, get_module, get_taps
 
 __all__ = [
     "FTStudent",
     "FeatureTransform",
     "attach_ft",
+    "check_linear_head",
     "max_logit_diff",
     "merge_ft",
     "norm_loss",
@@ -179,8 +180,9 @@ def norm_loss(
         )
     student, teacher = _match_spatial(expanded, teacher_map.detach(), reduce)
     h, w = student.shape[-2:]
-    diff = student.reshape(b, n, ct, h, w) - teacher.to(student.dtype).unsqueeze(1)
-    return diff.pow(2).mean() * n
+    # Broadcast the teacher over the N segments without materialising a tiled copy or a diff.
+    segments = student.reshape(b, n, ct, h, w)
+    return F.mse_loss(segments, teacher.to(student.dtype).unsqueeze(1).expand_as(segments)) * n
 
 
 class FTStudent(nn.Module):
@@ -231,11 +233,70 @@ def attach_ft(
     if isinstance(student, FTStudent):
         raise ValueError("student already has a FeatureTransform attached")
     spec = get_taps(student, example)
+    check_linear_head(student, spec, example)
     ft = FeatureTransform(spec.feat_channels, teacher_channels, n, bn=bn, residual=residual)
     param = next(student.parameters(), None)
     if param is not None:
         ft = ft.to(device=param.device, dtype=param.dtype)
     return FTStudent(student, ft, spec)
+
+
+@torch.no_grad()
+def check_linear_head(
+    model: nn.Module, spec: TapSpec, example: torch.Tensor | None = None, rtol: float = 1e-3
+) -> None:
+    """Raise ValueError unless the classifier's input is an affine function of the ``feat`` map.
+
+    FT can only be merged when everything between the last conv map and the classifier is
+    affine (global pooling, flatten, eval-mode BatchNorm, dropout). Checked on random maps by
+    the midpoint rule ``g((a + b) / 2) == (g(a) + g(b)) / 2``; an activation or a LayerNorm after
+    pooling (ConvNeXt, some conv heads) fails it, before any training time is spent.
+    """
+    from normkd.models.taps import _default_example
+
+    x = _default_example(model) if example is None else example
+    feat_mod = get_module(model, spec.feat)
+    head = get_module(model, spec.classifier)
+    shape: list[torch.Size] = []
+    replace: list[torch.Tensor | None] = [None]
+    got: list[torch.Tensor] = []
+
+    def on_feat(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor | None:
+        shape.append(out.shape)
+        return replace[0]
+
+    def on_head(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        got.append(args[0].detach().double())
+
+    was = model.training
+    model.eval()
+    h1 = feat_mod.register_forward_hook(on_feat)
+    h2 = head.register_forward_pre_hook(on_head)
+    try:
+        model(x)
+        gen = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(shape[0], generator=gen).to(x) for _ in range(2))
+        outs = []
+        for m in (a, b, (a + b) / 2):
+            replace[0] = m
+            got.clear()
+            model(x)
+            outs.append(got[-1])
+    finally:
+        h1.remove()
+        h2.remove()
+        model.train(was)
+    ga, gb, gm = outs
+    err = float((gm - (ga + gb) / 2).abs().max())
+    scale = float(torch.stack([ga.abs().max(), gb.abs().max()]).max()) + 1e-6
+    if err > rtol * scale:
+        raise ValueError(
+            f"{type(model).__name__}: the path from its last conv map {spec.feat!r} to its "
+            f"classifier {spec.classifier!r} is not linear (an activation or a norm layer after "
+            "global pooling?), so FT could not be merged into the classifier after training; "
+            "use this model as the teacher, or a student whose pooled map feeds the classifier "
+            "directly"
+        )
 
 
 @torch.no_grad()
@@ -250,13 +311,15 @@ def merge_ft(s_ft: FTStudent) -> nn.Module:
         raise TypeError(f"merge_ft expects the result of attach_ft, got {type(s_ft).__name__}")
     merged = copy.deepcopy(s_ft.student)
     fc = get_module(merged, s_ft.spec.classifier)
-    if not isinstance(fc, nn.Linear):
+    is_conv = isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.groups == 1
+    if not (isinstance(fc, nn.Linear) or is_conv):
         raise TypeError(
-            f"classifier {s_ft.spec.classifier!r} is {type(fc).__name__}; merge needs an nn.Linear"
+            f"classifier {s_ft.spec.classifier!r} is {type(fc).__name__}; merge needs an "
+            "nn.Linear (or a 1x1 nn.Conv2d on the pooled map)"
         )
     a, c = s_ft.ft.as_affine()
     a, c = a.to(fc.weight.device), c.to(fc.weight.device)
-    w = fc.weight.detach().double()
+    w = fc.weight.detach().double().flatten(1)  # (out, in); a 1x1 conv's (out, in, 1, 1) too
     new_bias = w @ c
     if fc.bias is not None:
         new_bias = new_bias + fc.bias.detach().double()
@@ -265,12 +328,9 @@ def merge_ft(s_ft: FTStudent) -> nn.Module:
             "the classifier has no bias but FT adds a constant term (its BatchNorm shifts); "
             "merging would change the architecture. Use FeatureTransform(bn=False) for such students"
         )
-    new_fc = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None)
-    new_fc = new_fc.to(device=fc.weight.device, dtype=fc.weight.dtype)
-    new_fc.weight.copy_(w @ a)
-    if new_fc.bias is not None:
-        new_fc.bias.copy_(new_bias)
-    set_module(merged, s_ft.spec.classifier, new_fc)
+    fc.weight.copy_((w @ a).view_as(fc.weight))  # ``merged`` is a copy: edit its layer in place
+    if fc.bias is not None:
+        fc.bias.copy_(new_bias)
     return merged.eval()
 
 

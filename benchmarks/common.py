@@ -1,0 +1,203 @@
+"""Helpers every benchmark shares, so each figure states where and how it was measured.
+
+One environment line (device, torch, threads, date, load), Markdown tables, interleaved median
+timing (drift on a shared machine hits every variant alike) and report/plot writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+CONFIGS = REPO / "configs"
+
+
+def parse_args(
+    description: str,
+    argv: Sequence[str] | None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The flags every benchmark takes: ``--quick`` (smoke run), ``--out DIR``, ``--device``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds, not minutes)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    if extra is not None:
+        extra(p)
+    return p.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present (the engine's rule, reused so both agree)."""
+    from normkd.engine.build import resolve_device as engine_resolve
+
+    return engine_resolve(name)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """Human description of ``device``: the GPU's name, or the CPU model and core count."""
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU {cpu_name()} ({os.cpu_count()} cores)"
+
+
+def load_avg() -> float | None:
+    """1-minute load average: a figure measured under load > cores is not a quiet-machine figure."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def env_line(device: torch.device) -> str:
+    """The line every table carries: device, torch version, threads, date and load."""
+    load = load_avg()
+    load_s = f", load average {load:.2f}" if load is not None else ""
+    busy = ""
+    if load is not None and load >= max(1.0, (os.cpu_count() or 1) / 2):
+        busy = " **Busy machine: timings here are not quiet-machine figures.**"
+    return (
+        f"Device: {device_name(device)}; torch {torch.__version__}; "
+        f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M %Z')}{load_s}.{busy}"
+    )
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; cells are str()-ed as given (format numbers before)."""
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "| " + " | ".join("---" for _ in headers) + " |",
+    ]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """``mean ± std`` (sample std); a single value prints alone."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so a wall-clock interval covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(
+    fn: Callable[[], object], device: torch.device, number: int = 1, rate: bool = False
+) -> float:
+    """Seconds per call of ``fn`` over ``number`` back-to-back calls (device synchronised).
+
+    With ``rate``, ``fn`` returns how many items it processed and the result is items/second.
+    """
+    sync(device)
+    t0 = time.perf_counter()
+    items = 0
+    for _ in range(number):
+        done = fn()
+        if rate:
+            items += int(done)  # type: ignore[call-overload]
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return items / elapsed if rate else elapsed / number
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    number: int = 1,
+    rate: bool = False,
+) -> dict[str, list[float]]:
+    """Per-call seconds (or items/s with ``rate``) of each variant, ``repeats`` blocks each.
+
+    Warm-up blocks (allocator, kernels, worker start-up) are run and dropped. Variants run in an
+    order rotated every repeat, so slow drifts (other jobs, thermal) spread evenly over them;
+    report the median of the returned lists.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            time_block(fns[n], device, number, rate)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            out[n].append(time_block(fns[n], device, number, rate))
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    """Median: robust to the odd block hit by a background job."""
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> str:
+    """min-max of the repeats relative to their median, to show how noisy a figure was."""
+    m = median(values)
+    if m <= 0 or len(values) < 2:
+        return "—"
+    return f"±{100 * (max(values) - min(values)) / (2 * m):.0f}%"
+
+
+def met(ok: bool) -> str:
+    """Target verdict cell."""
+    return "met" if ok else "**not met**"
+
+
+def write_report(out: Path, name: str, text: str) -> Path:
+    """Write ``out/name.md`` (creating ``out``), print it, return the path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.md"
+    path.write_text(text.rstrip() + "\n")
+    print(text)
+    print(f"\n[bench] wrote {path}", flush=True)
+    return path
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display on CI or the device machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, out: Path, name: str, env: str) -> Path:
+    """Save ``fig`` as ``out/name.png`` with the environment line as its footer."""
+    plt = pyplot()
+    fig.text(0.5, 0.005, env, ha="center", va="bottom", fontsize=7, color="0.35", wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"[bench] wrote {path}", flush=True)
+    return path

@@ -1,0 +1,115 @@
+"""Run every benchmark (what ``make bench`` calls) and index the results in one README.
+
+Each script runs in its own process, so one benchmark's allocator state, threads or DataLoader
+workers never colour another's timings, and one failure does not hide the others' results.
+
+    python benchmarks/run_all.py            # everything, under 20 minutes on 2 CPU cores
+    python benchmarks/run_all.py --quick    # every script's smoke run
+    python benchmarks/run_all.py --only deploy scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from common import BENCH_DIR, env_line, md_table, parse_args, resolve_device
+
+BENCHES = {
+    "accuracy": "top-1 of vanilla/KD/NORM/NORM+KD/DKD/NORM+DKD on digits, 5 seeds, paired Δ",
+    "throughput": "images/s of a NORM+KD step: device-resident pipeline vs classic PIL loop",
+    "deploy": "params, FLOPs, CPU latency of plain vs FT vs merged CIFAR students",
+    "scale": "NORM+KD step time vs batch size and vs N",
+}
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", nargs="+", choices=list(BENCHES), default=None, help="run only these")
+
+
+def verdict_lines(md: Path) -> list[str]:
+    """The table under a report's '## Targets' or '## Summary' heading, for the index page."""
+    if not md.is_file():
+        return []
+    lines = md.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() in ("## Targets", "## Summary"):
+            table = []
+            for follow in lines[i + 1 :]:
+                if follow.startswith("|"):
+                    table.append(follow)
+                elif table:
+                    break
+            return table
+    return []
+
+
+def write_index(out: Path, runs: dict[str, tuple[int, float]], env: str, quick: bool) -> Path:
+    """README.md linking every report and figure, with wall times and target verdicts."""
+    rows = []
+    for name, (rc, secs) in runs.items():
+        md, png = out / f"{name}.md", out / f"{name}.png"
+        rows.append(
+            [
+                f"[{name}]({md.name})" if md.is_file() else name,
+                BENCHES[name],
+                f"[{png.name}]({png.name})" if png.is_file() else "—",
+                f"{secs:.0f} s",
+                "ok" if rc == 0 else f"**failed (exit {rc})**",
+            ]
+        )
+    parts = [
+        "# normkd benchmarks" + (" (QUICK smoke run: not results)" if quick else ""),
+        "",
+        env,
+        "",
+        "Every figure below was measured by `make bench` (`benchmarks/run_all.py`); nothing is "
+        "typed in by hand. Each report states the device, torch version, threads, date and load "
+        "average it was measured under; timings taken with load above about half the core count "
+        "are not quiet-machine figures.",
+        "",
+        md_table(["benchmark", "what", "figure", "wall time", "status"], rows),
+        "",
+        f"Total wall time: {sum(s for _, s in runs.values()):.0f} s.",
+    ]
+    for name in runs:
+        table = verdict_lines(out / f"{name}.md")
+        if table:
+            parts += ["", f"## {name}: targets", "", *table]
+        if (out / f"{name}.png").is_file():
+            parts += ["", f"![{name}]({name}.png)"]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "README.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected benchmarks one after another, then write the index."""
+    args = parse_args(__doc__.split("\n\n")[0], argv, _extra)
+    device = resolve_device(args.device)
+    env = env_line(device)
+    names = args.only or list(BENCHES)
+    passthrough = ["--out", str(args.out), "--device", args.device]
+    if args.quick:
+        passthrough.append("--quick")
+    runs: dict[str, tuple[int, float]] = {}
+    for name in names:
+        print(f"\n[run_all] ===== {name} =====", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call([sys.executable, str(BENCH_DIR / f"bench_{name}.py"), *passthrough])
+        runs[name] = (rc, time.perf_counter() - t0)
+        print(f"[run_all] {name}: exit {rc}, {runs[name][1]:.0f} s", flush=True)
+    index = write_index(args.out, runs, env, args.quick)
+    print(f"\n[run_all] index: {index}")
+    for name, (rc, secs) in runs.items():
+        print(f"[run_all] {name:<11} {'ok' if rc == 0 else f'FAILED ({rc})':<12} {secs:6.0f} s")
+    return 0 if all(rc == 0 for rc, _ in runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

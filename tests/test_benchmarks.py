@@ -1,0 +1,85 @@
+"""The benchmark scripts' smoke runs: each ``--quick`` writes its report, tables and figure.
+
+Only the plumbing is tested (files, environment line, table headers); speed and accuracy values
+are benchmark figures, not test facts. The scripts run with one thread: on a shared 2-core
+machine two spinning OpenMP threads beside another job make a smoke run several times slower.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+HEADERS = {
+    "accuracy": [
+        "| method | final top-1 % (mean ± std) |",
+        "| target (paired, final top-1) | measured (mean ± std) |",
+    ],
+    "throughput": [
+        "| variant | images/s (median) | spread | ms per batch |",
+        "| pair | figure | measured | target | verdict |",
+    ],
+    "deploy": [
+        "| student | FT sized for teacher | N | params plain |",
+        "b1 merged/plain",
+        "| figure | measured | target | verdict |",
+    ],
+    "scale": [
+        "| batch | ms / step | spread | images / s |",
+        "| step | ms / step | spread | images / s | time / KD-only time |",
+    ],
+}
+
+
+def _quick(script: str, out: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--out", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("name", list(HEADERS))
+def test_quick_run_writes_markdown_and_plot(name: str, tmp_path: Path) -> None:
+    proc = _quick(f"bench_{name}.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (tmp_path / f"{name}.md").read_text()
+    assert "QUICK" in md
+    # The environment line: device, torch version, threads and date, beside every table.
+    env_lines = [line for line in md.splitlines() if line.startswith("Device: CPU")]
+    assert len(env_lines) >= 2
+    for line in env_lines:
+        assert "torch " in line and "1 threads" in line and "20" in line
+    for header in HEADERS[name]:
+        assert header in md, f"{header!r} missing from {name}.md"
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert not (tmp_path / "runs").exists()  # training runs go to a temporary folder
+
+
+def test_index_links_reports_and_copies_verdicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    import run_all
+
+    (tmp_path / "deploy.md").write_text(
+        "# x\n\n## Targets\n\n| figure | verdict |\n| --- | --- |\n| a | met |\n\nDevice: CPU\n"
+    )
+    (tmp_path / "deploy.png").write_bytes(b"png")
+    index = run_all.write_index(
+        tmp_path, {"deploy": (0, 12.0), "scale": (1, 3.0)}, "Device: CPU; torch x", quick=True
+    )
+    text = index.read_text()
+    assert "[deploy](deploy.md)" in text and "![deploy](deploy.png)" in text
+    assert "| a | met |" in text
+    assert "failed (exit 1)" in text
+    assert "Device: CPU; torch x" in text
