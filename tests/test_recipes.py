@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import normkd
 from normkd.cli import main
-from normkd.config import CETerm, KDTerm, NormTerm, Recipe, load_recipe
+from normkd.config import Recipe, load_recipe
 
 CONFIGS = Path(normkd.__file__).parent / "configs"
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
-METHODS = {"vanilla", "kd", "norm", "norm_kd", "norm_authors"}
+METHODS = {"vanilla", "kd", "norm", "norm_kd", "norm_authors", "crd", "dkd", "norm_crd", "norm_dkd"}
+CIFAR_METHODS = METHODS | {"fitnet", "at"}  # the CRD benchmark's feature baselines
 
 CIFAR = CONFIGS / "cifar100"
 CIFAR_PAIRS = {
@@ -35,6 +37,16 @@ CIFAR_PAIRS = {
 }
 CIFAR_TEACHERS = {t for t, _ in CIFAR_PAIRS}
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01 in the CRD benchmark
+# DKD beta per pair: mdistiller configs/cifar100/dkd/*.yaml (8 = its cfg.py default; ResNet50 ->
+# vgg8 has no mdistiller config and keeps the default).
+CIFAR_DKD_BETA = {
+    ("resnet56", "resnet20"): 2.0,
+    ("resnet110", "resnet32"): 2.0,
+    ("vgg13", "vgg8"): 6.0,
+    ("vgg13", "MobileNetV2"): 6.0,
+    ("wrn_40_2", "wrn_16_2"): 6.0,
+    ("wrn_40_2", "wrn_40_1"): 6.0,
+}
 
 IMAGENET = CONFIGS / "imagenet"
 IMAGENET_PAIRS = {
@@ -42,6 +54,9 @@ IMAGENET_PAIRS = {
     ("resnet50", "mobilenet_v1"),
     ("resnet50", "resnet50_1_4"),
 }
+# DKD beta: mdistiller configs/imagenet/{r34_r18,r50_mv1}/dkd.yaml; resnet50_1_4 (no config) takes
+# its ResNet50 teacher's other value.
+IMAGENET_DKD_BETA = {"resnet34": 0.5, "resnet50": 2.0}
 
 
 def _pair_dirs(root: Path) -> list[Path]:
@@ -53,7 +68,7 @@ def _split(d: Path) -> tuple[str, str]:
     return teacher, student
 
 
-def _terms(recipe: Recipe) -> dict[str, CETerm | KDTerm | NormTerm]:
+def _terms(recipe: Recipe) -> dict[str, Any]:
     return {t.kind: t for t in recipe.loss}
 
 
@@ -86,7 +101,8 @@ def test_pair_folders_complete() -> None:
     assert {_split(d) for d in _pair_dirs(IMAGENET)} == IMAGENET_PAIRS
     for d in _pair_dirs(CIFAR) + _pair_dirs(IMAGENET):
         files = {p.stem for p in d.glob("*.yaml")}
-        assert files >= METHODS | {"_pair"}, f"{d.name}: missing {METHODS - files}"
+        methods = CIFAR_METHODS if d.parent == CIFAR else METHODS
+        assert files >= methods | {"_pair"}, f"{d.name}: missing {methods - files}"
     assert {p.stem for p in (CIFAR / "teachers").glob("*.yaml")} == CIFAR_TEACHERS
 
 
@@ -133,17 +149,48 @@ def test_cifar_pair_settings(d: Path) -> None:
 
     kd = _terms(r["kd"])
     assert (kd["ce"].weight, kd["kd"].weight, kd["kd"].temperature) == (0.1, 0.9, 4.0)
-    for method in ("norm", "norm_kd", "norm_authors"):
+    for method in ("norm", "norm_kd", "norm_authors", "norm_crd", "norm_dkd"):
         norm = r[method].norm
         assert norm is not None and (norm.n, norm.ramp, norm.weight) == (8, "cifar", 1.0)
-        assert norm.bn and norm.residual and norm.reduce == "max"
-    assert not r["norm"].logit_standardization.enabled
-    assert set(_terms(r["norm"])) == {"ce", "norm"} and _terms(r["norm"])["ce"].weight == 1.0
+        assert norm.bn and norm.residual and norm.reduce == "max" and norm.stages == "last"
+    for method in ("norm", "norm_kd", "norm_crd", "norm_dkd", "fitnet", "at", "crd", "dkd"):
+        assert not r[method].logit_standardization.enabled, method
+        assert _terms(r[method])["ce"].weight == 1.0, method
+    assert set(_terms(r["norm"])) == {"ce", "norm"}
     assert set(_terms(r["norm_kd"])) == {"ce", "kd", "norm"}
+    # RepDistiller scripts/run_cifar_distill.sh: hint -b 100 --hint_layer 2, attention -b 1000
+    fitnet = _terms(r["fitnet"])
+    assert set(fitnet) == {"ce", "fitnet"}
+    assert (fitnet["fitnet"].weight, fitnet["fitnet"].stage) == (100.0, 2)
+    assert fitnet["fitnet"].teacher_stage is None
+    at = _terms(r["at"])
+    assert set(at) == {"ce", "at"} and (at["at"].weight, at["at"].p) == (1000.0, 2.0)
+    _check_crd_dkd(r, alpha=1.0, beta=CIFAR_DKD_BETA.get((teacher, student), 8.0), t=4.0, warmup=20)
     authors = r["norm_authors"]
     assert authors.logit_standardization.enabled and authors.logit_standardization.scale == 2.5
     assert set(_terms(authors)) == {"ce", "norm"}  # alpha = 0 in the authors' scripts
     assert _terms(authors)["ce"].weight in {0.0625, 0.1, 0.125, 0.25, 0.5}
+
+
+def _check_crd_dkd(r: dict[str, Recipe], alpha: float, beta: float, t: float, warmup: int) -> None:
+    """crd/dkd: CE 1 + the method; norm_crd/norm_dkd: norm.yaml's terms + the same term."""
+    crd = _terms(r["crd"])
+    assert set(crd) == {"ce", "crd"}
+    c = crd["crd"]  # RepDistiller -b 0.8 and train_student.py's NCE defaults
+    assert (c.weight, c.feat_dim, c.nce_k, c.nce_t, c.nce_m) == (0.8, 128, 16384, 0.07, 0.5)
+    assert c.negatives == "other_classes"  # RepDistiller's default --mode exact
+    dkd = _terms(r["dkd"])
+    assert set(dkd) == {"ce", "dkd"}
+    d = dkd["dkd"]
+    assert (d.weight, d.alpha, d.beta, d.temperature, d.warmup) == (1.0, alpha, beta, t, warmup)
+    for method, term in (("crd", c), ("dkd", d)):
+        combo = _terms(r[f"norm_{method}"])
+        assert set(combo) == {"ce", "norm", method}, method
+        assert combo[method] == term, f"norm_{method}: {method} term differs from {method}.yaml"
+        assert combo["norm"] == _terms(r["norm"])["norm"], f"norm_{method}: norm differs"
+        assert not r[f"norm_{method}"].logit_standardization.enabled
+        assert combo["ce"].weight == 1.0
+    assert crd["ce"].weight == dkd["ce"].weight == 1.0
 
 
 @pytest.mark.parametrize("path", sorted((CIFAR / "teachers").glob("*.yaml")), ids=_rel)
@@ -168,16 +215,18 @@ def test_imagenet_pair_settings(d: Path) -> None:
             assert rec.teacher.weights is not None
             assert rec.teacher.weights.parent == Path("data/pretrained")
             assert rec.teacher.weights.name.startswith(f"{teacher}-")
-    for method in ("vanilla", "kd", "norm", "norm_kd"):
+    for method in ("vanilla", "kd", "norm", "norm_kd", "crd", "dkd", "norm_crd", "norm_dkd"):
         assert (r[method].optim.schedule, r[method].optim.step_size) == ("step", 30)
     kd = _terms(r["kd"])
     assert (kd["ce"].weight, kd["kd"].weight, kd["kd"].temperature) == (0.5, 0.5, 1.0)
-    for method in ("norm", "norm_kd", "norm_authors"):
+    for method in ("norm", "norm_kd", "norm_authors", "norm_crd", "norm_dkd"):
         norm = r[method].norm
         assert norm is not None and (norm.n, norm.ramp, norm.weight) == (8, "imagenet", 1.0)
     assert not r["norm"].logit_standardization.enabled
     assert r["norm_authors"].logit_standardization.enabled
     assert set(_terms(r["norm_authors"])) == {"ce", "norm"}
+    # DKD paper's ImageNet setting: alpha 0.5, T 1, no warm-up (mdistiller WARMUP 1)
+    _check_crd_dkd(r, alpha=0.5, beta=IMAGENET_DKD_BETA[teacher], t=1.0, warmup=1)
 
 
 # --------------------------------------------------------------------------- dry runs
@@ -185,7 +234,7 @@ def test_imagenet_pair_settings(d: Path) -> None:
 DRY_PAIR = CIFAR / "resnet32x4__resnet8x4"
 DRY_RUNS = sorted(
     set(DRY_PAIR.glob("[!_]*.yaml"))
-    | {d / "norm.yaml" for d in _pair_dirs(CIFAR)}
+    | {d / f"{m}.yaml" for d in _pair_dirs(CIFAR) for m in ("norm", "norm_crd", "norm_dkd")}
     | set((CIFAR / "teachers").glob("*.yaml"))
     | {p for d in _pair_dirs(IMAGENET) for p in d.glob("[!_]*.yaml")}
 )
