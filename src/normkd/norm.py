@@ -76,9 +76,10 @@ class FeatureTransform(nn.Module):
         self.contract = _conv1x1(n * teacher_channels, in_channels, bn)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
             raise ValueError(
-                f"FeatureTransform expects a (B, {self.in_channels}, H, W) map, got {tuple(x.shape)}"
+                f"FeatureTransform expects a non-empty (B, {self.in_channels}, H, W) map, "
+                f"got {tuple(x.shape)}"
             )
         expanded = self.expand(x)
         out = self.contract(expanded)
@@ -164,6 +165,11 @@ def norm_loss(
     if expanded.dim() != 4 or teacher_map.dim() != 4:
         raise ValueError(
             "norm_loss expects 4-D maps (B, C, H, W): got student expanded map "
+            f"{tuple(expanded.shape)} and teacher map {tuple(teacher_map.shape)}"
+        )
+    if 0 in expanded.shape or 0 in teacher_map.shape:
+        raise ValueError(
+            "norm_loss expects non-empty maps: got student expanded map "
             f"{tuple(expanded.shape)} and teacher map {tuple(teacher_map.shape)}"
         )
     b, c, _, _ = expanded.shape

@@ -21,7 +21,8 @@ class TapSpec:
     """Names (dotted, as in ``model.named_modules()``) of the modules a distiller reads.
 
     feat: module whose output is the last convolutional map, i.e. exactly what global pooling reads.
-    classifier: the final ``nn.Linear``.
+    classifier: the final ``nn.Linear`` (or the 1x1 ``nn.Conv2d`` of a conv head after pooling),
+        the layer FT is merged into.
     stages: modules whose outputs are the stage maps, shallow to deep (the last is usually ``feat``).
     feat_channels / stage_channels: channel counts of those maps, declared so they can be checked.
     """
@@ -78,8 +79,9 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
     """Find feat/classifier/stages of an arbitrary CNN classifier by tracing one forward pass.
 
     ``feat`` is the outermost module returning the last 4-D map computed (pooling layers aside);
-    the classifier is the first ``nn.Linear`` called after it that reads its channels (for an MLP
-    head that is the head's first layer, which is what FT merges into); stages are the last map of
+    the classifier is the first ``nn.Linear`` (or 1x1 conv on the pooled map, as in timm's
+    MobileNetV3 head) called after it that reads its channels (for an MLP head that is the head's
+    first layer, which is what FT merges into); stages are the last map of
     each spatial resolution along the model's top-level chain of blocks.
     """
     x = _default_example(model) if example is None else example
@@ -103,22 +105,33 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
     for i, (n, _m, _o) in enumerate(calls):
         last[n] = i
     order = sorted((i for n, i in last.items() if n), key=int)
+    pools = [
+        i
+        for i in order
+        if _is_pool(calls[i][1])
+        and isinstance(calls[i][2], torch.Tensor)
+        and _is_global(calls[i][2])
+    ]
+    pooled = [calls[i][2] for i in pools]
     maps = [
         i
         for i in order
         if isinstance(calls[i][2], torch.Tensor)
         and calls[i][2].dim() == 4
-        and not isinstance(calls[i][1], _POOLS)
+        and not _is_pool(calls[i][1])
+        and not any(_same_tensor(calls[i][2], p) for p in pooled)  # a global pool's wrapper
     ]
     if not maps:
         raise ValueError(f"{type(model).__name__}: no 4-D feature map found; is it a CNN?")
+    # A conv head after global pooling (timm MobileNetV3: pool -> 1x1 conv -> act -> linear):
+    # the last conv map is the one the global pool reads, and the head's 1x1 conv its classifier.
+    gp = pools[-1] if pools else None
+    if gp is not None and any(i > gp for i in maps) and any(i < gp for i in maps):
+        if all(_is_global(calls[i][2]) for i in maps if i > gp):
+            maps = [i for i in maps if i < gp]
     final = calls[maps[-1]][2]
     c = int(final.shape[1])
-    heads = [
-        i
-        for i in order
-        if i > maps[-1] and isinstance(calls[i][1], nn.Linear) and calls[i][1].in_features == c
-    ]
+    heads = [i for i in order if i > maps[-1] and _reads_channels(calls[i][1], c)]
     if not heads:
         raise ValueError(
             f"{type(model).__name__}: no nn.Linear reading the {c}-channel last conv map found; "
@@ -155,6 +168,34 @@ _POOLS = (
     nn.AvgPool2d,
     nn.MaxPool2d,
 )
+
+
+# timm wraps its pools (SelectAdaptivePool2d & co); matched by name so timm stays optional.
+_POOL_NAMES = frozenset(
+    {"SelectAdaptivePool2d", "AdaptiveAvgMaxPool2d", "AdaptiveCatAvgMaxPool2d", "FastAdaptiveAvgPool"}
+)
+
+
+def _is_pool(m: nn.Module) -> bool:
+    return isinstance(m, _POOLS) or type(m).__name__ in _POOL_NAMES
+
+
+def _is_global(t: torch.Tensor) -> bool:
+    """A globally pooled output: (B, C) or (B, C, 1, 1)."""
+    return t.dim() == 2 or (t.dim() == 4 and tuple(t.shape[-2:]) == (1, 1))
+
+
+def _reads_channels(m: nn.Module, c: int) -> bool:
+    """A linear classifier of a ``c``-channel pooled map: nn.Linear, or a plain 1x1 nn.Conv2d."""
+    if isinstance(m, nn.Linear):
+        return m.in_features == c
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.in_channels == c
+        and m.kernel_size == (1, 1)
+        and m.groups == 1
+        and m.padding in ((0, 0), "valid")
+    )
 
 
 def _is_unit(model: nn.Module, name: str) -> bool:
