@@ -1,7 +1,8 @@
 """``normkd`` command line: demo | train | distill | eval | merge | export | list-models.
 
-Exit codes: 0 success; 2 user error (bad recipe, missing data, bad checkpoint), reported as one
-line without a traceback; 130 interrupted. A traceback means a bug in normkd.
+Exit codes: 0 success; 2 user error (bad recipe, missing data, bad checkpoint) or Ctrl-C, reported
+as one line without a traceback (after Ctrl-C the line says where to resume from). A traceback
+means a bug in normkd. docs/errors.md lists the bad inputs and what each gets.
 """
 
 from __future__ import annotations
@@ -283,14 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UserError as err:
-        print(f"normkd: error: {err}", file=sys.stderr)
+        print(f"normkd: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "normkd: interrupted; the last completed epoch is saved (resume with --resume)",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as err:  # the trainer's TrainingInterrupted says what is saved
+        print(f"normkd: {_one_line(err) or 'interrupted'}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line, whatever a library put in it."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

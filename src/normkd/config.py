@@ -6,6 +6,7 @@ error names the key and, where there is a fixed set, the allowed values.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,14 +36,20 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors, and no float setting may be inf or NaN (lr=.inf would only fail
+    # later, as a non-finite loss).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataCfg(_Strict):
     """Where the images come from and how they are batched."""
 
-    kind: Literal["digits", "cifar100", "imagenet"] = "digits"
+    # folder: ROOT/<class>/* images (or ROOT/train/<class>/, ROOT/val/<class>/); external:
+    # loaders passed from Python (normkd.distill), nothing for the CLI to build.
+    kind: Literal["digits", "cifar100", "imagenet", "folder", "external"] = "digits"
     root: Path | None = None
+    image_size: PositiveInt = 224  # folder: train crop / val centre crop side
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # folder without train/ and val/
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt = 256
     workers: NonNegativeInt = 4
@@ -52,7 +59,8 @@ class DataCfg(_Strict):
 
 
 class ModelCfg(_Strict):
-    """A zoo model by name, optionally with local weights (never downloaded)."""
+    """A zoo model by name, ``timm:<name>``, ``torchvision:<name>`` or ``external`` (an object
+    passed from Python), with optional local weights (never downloaded)."""
 
     model: str
     weights: Path | None = None
@@ -62,10 +70,23 @@ class ModelCfg(_Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         from normkd.models import list_models
+        from normkd.models.external import check_name
+        from normkd.models.registry import unknown_model_message
 
-        names = list_models()
-        if v not in names:
-            raise ValueError(f"unknown model {v!r}; valid names: {', '.join(names)}")
+        # timm:/torchvision: names are checked there (an unknown one lists close matches)
+        if not check_name(v) and v not in list_models():
+            raise ValueError(unknown_model_message(v))
+        return v
+
+    @field_validator("kwargs")
+    @classmethod
+    def _own_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted({"num_classes", "weights"} & set(v))
+        if taken:
+            raise ValueError(
+                f"{', '.join(taken)} cannot be set in kwargs (num_classes comes from the data, "
+                "weights is its own key)"
+            )
         return v
 
 
@@ -273,7 +294,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -286,21 +307,25 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings (value parsed as YAML; list items by index: loss.1.weight)."""
-    data = _deep_merge({}, data)
+    data = copy.deepcopy(data)  # never edit the caller's nested dicts and lists
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
+        if not key.isprintable():
+            raise ConfigError(f"--set {item!r}: the key holds unprintable characters")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+            raise ConfigError(
+                f"--set {item!r}: value is not valid YAML: {_yaml_problem(err)}"
+            ) from err
         node: Any = data
         parts = key.split(".")
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
                     raise ConfigError(
                         f"--set {key}: {'.'.join(parts[:i])} has {len(node)} items; "
                         f"{part!r} is not an index"
@@ -313,18 +338,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 if last:
                     node[part] = value
                 else:
-                    node = node.setdefault(part, {})
-                    if node is None:
-                        node = {}
+                    if node.get(part) is None:  # absent or null (teacher: null): a new mapping
+                        node[part] = {}
+                    node = node[part]
             else:
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
     return data
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where (PyYAML's own text spans several lines)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+def _loc_part(p: Any) -> str:
+    """A key as it appears in an error path; odd keys (empty, newlines) are quoted."""
+    return (
+        p
+        if isinstance(p, str) and p.isprintable() and p and "." not in p
+        else (str(p) if isinstance(p, int) else repr(p))
+    )
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     msgs = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _KINDS))
+        loc = ".".join(_loc_part(p) for p in e["loc"] if not (isinstance(p, str) and p in _KINDS))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -1,9 +1,10 @@
-"""Data: embedded digits, CIFAR-100 from a local folder, ImageFolder, device-side augmentation."""
+"""Data: embedded digits, CIFAR-100, ImageNet and your own image folders, device-side augmentation."""
 
 from normkd.data.cifar import CIFAR100_MEAN, CIFAR100_STD, load_cifar100
 from normkd.data.common import Split, fake_split
 from normkd.data.device import Augment, DeviceLoader, EpochPlan, augment_batch
 from normkd.data.digits import load_digits_split
+from normkd.data.folder import folder_datasets, folder_loaders
 from normkd.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, IndexedDataset, imagenet_loaders
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "Split",
     "augment_batch",
     "fake_split",
+    "folder_datasets",
+    "folder_loaders",
     "imagenet_loaders",
     "load_cifar100",
     "load_digits_split",

@@ -33,45 +33,27 @@ class IndexedDataset(Dataset):
         return x, y, index
 
 
-def _image_folder(path: Path, transform: Any) -> Any:
+def _image_folder(
+    path: Path, transform: Any, what: str = "ImageNet folder", layout: str = LAYOUT
+) -> Any:
     """An ImageFolder for one split, or a DataError that names the path and expected layout."""
     from torchvision.datasets import ImageFolder
 
     if not path.is_dir():
-        raise DataError(f"ImageNet folder {path} does not exist: expected the layout {LAYOUT}")
+        raise DataError(f"{what} {path} does not exist: expected the layout {layout}")
     try:
         return ImageFolder(str(path), transform=transform)
     except FileNotFoundError as e:  # no class folders, or class folders with no images
         raise DataError(
-            f"ImageNet folder {path} has no images ({e}): expected the layout {LAYOUT}"
+            f"{what} {path} has no images ({e}): expected the layout {layout}"
         ) from None
 
 
-def imagenet_loaders(
-    root: str | Path,
-    batch_size: int,
-    workers: int,
-    *,
-    eval_batch_size: int | None = None,
-    distributed: bool = False,
-    seed: int = 0,
-    image_size: int = 224,
-) -> tuple[DataLoader, DataLoader, int]:
-    """Train and val loaders yielding (x, y, idx) plus the class count, from ROOT/train, ROOT/val."""
+def standard_transforms(image_size: int, augment: bool = True) -> tuple[Any, Any]:
+    """ImageNet-style (train, val) transforms: RandomResizedCrop + flip; Resize + CenterCrop."""
     from torchvision import transforms as T
 
-    if batch_size < 1 or workers < 0 or image_size < 1:
-        raise DataError(
-            f"need batch_size >= 1, workers >= 0, image_size >= 1; got {batch_size}, {workers}, "
-            f"{image_size}"
-        )
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"ImageNet root {root} does not exist: expected the layout {LAYOUT}")
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = T.Compose(
-        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
-    )
     # 256/224 resize ratio, the standard evaluation protocol, kept for other image sizes.
     val_tf = T.Compose(
         [
@@ -81,16 +63,37 @@ def imagenet_loaders(
             normalize,
         ]
     )
-    train_set = _image_folder(root / "train", train_tf)
-    val_set = _image_folder(root / "val", val_tf)
-    if train_set.classes != val_set.classes:
-        only_train = sorted(set(train_set.classes) - set(val_set.classes))
-        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+    if not augment:
+        return val_tf, val_tf
+    train_tf = T.Compose(
+        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    )
+    return train_tf, val_tf
+
+
+def check_same_classes(train_classes: list[str], val_classes: list[str], where: str) -> None:
+    """Train and val must have the same class folders, or labels would mean different things."""
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
         raise DataError(
-            f"ImageNet train and val class folders differ under {root}: only in train "
+            f"train and val class folders differ under {where}: only in train "
             f"{only_train[:5]}{'...' if len(only_train) > 5 else ''}, only in val "
             f"{only_val[:5]}{'...' if len(only_val) > 5 else ''}"
         )
+
+
+def indexed_loaders(
+    train_set: Any,
+    val_set: Any,
+    batch_size: int,
+    workers: int,
+    *,
+    eval_batch_size: int | None = None,
+    distributed: bool = False,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader]:
+    """Train (shuffled, seeded, full batches) and val loaders yielding (x, y, idx)."""
     train, val = IndexedDataset(train_set), IndexedDataset(val_set)
     common: dict[str, Any] = {
         "num_workers": workers,
@@ -111,4 +114,44 @@ def imagenet_loaders(
             train, batch_size, shuffle=True, drop_last=True, generator=g, **common
         )
         val_loader = DataLoader(val, eval_batch_size or batch_size, shuffle=False, **common)
+    if len(train_loader) == 0:
+        raise DataError(
+            f"the training split has {len(train)} images, fewer than one batch "
+            f"({batch_size} per process): lower data.batch_size"
+        )
+    return train_loader, val_loader
+
+
+def imagenet_loaders(
+    root: str | Path,
+    batch_size: int,
+    workers: int,
+    *,
+    eval_batch_size: int | None = None,
+    distributed: bool = False,
+    seed: int = 0,
+    image_size: int = 224,
+) -> tuple[DataLoader, DataLoader, int]:
+    """Train and val loaders yielding (x, y, idx) plus the class count, from ROOT/train, ROOT/val."""
+    if batch_size < 1 or workers < 0 or image_size < 1:
+        raise DataError(
+            f"need batch_size >= 1, workers >= 0, image_size >= 1; got {batch_size}, {workers}, "
+            f"{image_size}"
+        )
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"ImageNet root {root} does not exist: expected the layout {LAYOUT}")
+    train_tf, val_tf = standard_transforms(image_size)
+    train_set = _image_folder(root / "train", train_tf)
+    val_set = _image_folder(root / "val", val_tf)
+    check_same_classes(train_set.classes, val_set.classes, f"ImageNet root {root}")
+    train_loader, val_loader = indexed_loaders(
+        train_set,
+        val_set,
+        batch_size,
+        workers,
+        eval_batch_size=eval_batch_size,
+        distributed=distributed,
+        seed=seed,
+    )
     return train_loader, val_loader, len(train_set.classes)

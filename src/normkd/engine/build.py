@@ -16,11 +16,12 @@ from normkd.config import (
     DKDTerm,
     FitNetTerm,
     KDTerm,
+    ModelCfg,
     NormTerm,
     Recipe,
 )
 from normkd.distiller import Distiller, collect_taps
-from normkd.errors import ConfigError, DataError
+from normkd.errors import ConfigError, DataError, UserError
 from normkd.losses import (
     TAP_KINDS,
     ATLoss,
@@ -33,7 +34,7 @@ from normkd.losses import (
     NORMLoss,
     TapShapes,
 )
-from normkd.models import create_model, get_taps
+from normkd.models import TapSpec, create_model, get_taps
 from normkd.norm import FTStudent, attach_ft
 
 
@@ -102,6 +103,38 @@ def build_data(
                 raise
         split = fake_split(1000, 224, cfg.batch_size * 2, cfg.batch_size, seed)
         fake, augment = True, None
+    elif cfg.kind == "folder":
+        from normkd.data.folder import LAYOUT, folder_loaders
+
+        if cfg.root is None and not dry_run:
+            raise ConfigError(f"data.root: set it to your image folder ({LAYOUT})")
+        try:
+            if cfg.root is None:
+                raise DataError("no data.root")
+            train, test, num_classes, info = folder_loaders(
+                cfg.root,
+                batch_size,
+                cfg.workers,
+                eval_batch_size=cfg.eval_batch_size,
+                image_size=cfg.image_size,
+                val_fraction=cfg.val_fraction,
+                split_seed=cfg.split_seed,
+                augment=cfg.augment,
+                distributed=world_size > 1,
+                seed=seed,
+            )
+            return Data(train, test, num_classes, (3, cfg.image_size, cfg.image_size), info)
+        except DataError:
+            if not dry_run:
+                raise
+        split = fake_split(10, cfg.image_size, cfg.batch_size * 2, cfg.batch_size, seed)
+        fake, augment = True, None
+    elif cfg.kind == "external":
+        raise ConfigError(
+            "data.kind 'external': this run's loaders were passed from Python (normkd.distill), "
+            "so there is no data for the CLI to build; evaluate it from Python, or write a recipe "
+            "with data.kind folder/cifar100/imagenet"
+        )
     elif cfg.kind == "cifar100":
         if cfg.root is None and not dry_run:
             raise ConfigError(
@@ -296,7 +329,6 @@ def build_models(
     recipe: Recipe, num_classes: int, in_shape: tuple[int, int, int], allow_untrained: bool = False
 ) -> tuple[nn.Module, nn.Module | None, nn.Module]:
     """(student as trained — with FT for NORM —, teacher or None, plain student)."""
-    example = torch.zeros(2, *in_shape)
     teacher = None
     if recipe.teacher is not None:
         if recipe.teacher.weights is None and not allow_untrained:
@@ -310,34 +342,103 @@ def build_models(
                 f"note: teacher weights {weights} not found; continuing with a random teacher (nothing is trained here)"
             )
             weights = None
-        teacher = create_model(
-            recipe.teacher.model, num_classes=num_classes, weights=weights, **recipe.teacher.kwargs
-        )
-    plain = create_model(recipe.student.model, num_classes=num_classes, **recipe.student.kwargs)
+        teacher = _create("teacher", recipe.teacher.model, num_classes, recipe.teacher.kwargs)
+        if weights is not None:
+            _load("teacher", teacher, weights)
+    plain = _create("student", recipe.student.model, num_classes, recipe.student.kwargs)
     if recipe.student.weights is not None:
-        from normkd.models import load_weights
+        _load("student", plain, recipe.student.weights)
+    return prepare_student(recipe, plain, teacher, in_shape), teacher, plain
 
-        load_weights(plain, recipe.student.weights)
-    student: nn.Module = plain
+
+@dataclass
+class Prebuilt:
+    """Data and models made outside the recipe (``normkd.distill``): ``fit`` trains these.
+
+    ``student`` is the plain student (FT is attached by ``fit`` when the recipe uses NORM);
+    ``data`` loaders yield ``(x, y, idx)``.
+    """
+
+    data: Data
+    student: nn.Module
+    teacher: nn.Module | None = None
+
+
+def _display(cfg: ModelCfg | None, model: nn.Module | None) -> str:
+    """The recipe's model name, or the class name for an object passed from Python."""
+    if cfg is None or cfg.model == "external":
+        return type(model).__name__
+    return cfg.model
+
+
+def _example(model: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """A zero batch of two inputs of the data's shape, on the model's device."""
+    param = next(model.parameters(), None)
+    return torch.zeros(2, *in_shape, device=param.device if param is not None else None)
+
+
+def _spec(role: str, name: str, model: nn.Module, in_shape: tuple[int, ...]) -> TapSpec:
+    """get_taps on an example of the data's shape, errors naming the role and the model."""
+    try:
+        return get_taps(model, _example(model, in_shape))
+    except ValueError as err:
+        raise ConfigError(f"{role} {name}: {err}") from None
+
+
+def prepare_student(
+    recipe: Recipe, plain: nn.Module, teacher: nn.Module | None, in_shape: tuple[int, int, int]
+) -> nn.Module:
+    """The student as trained: ``plain``, with FT attached when the recipe uses NORM.
+
+    Both models' taps are found (and cached) on inputs of the data's shape first, so a model
+    that is no CNN classifier is reported here, by role and name.
+    """
+    s_name = _display(recipe.student, plain)
+    t_name = _display(recipe.teacher, teacher)
+    s_spec = _spec("student", s_name, plain, in_shape)
+    t_spec = _spec("teacher", t_name, teacher, in_shape) if teacher is not None else None
     norm = recipe.norm
-    if norm is not None:
-        assert teacher is not None
-        t_spec = get_taps(teacher, example)
-        s_spec = get_taps(plain, example)
-        with torch.no_grad():
-            t_hw = _feat_hw(teacher, t_spec.feat, example)
-            s_hw = _feat_hw(plain, s_spec.feat, example)
-        big, small = (t_hw, s_hw) if t_hw[0] >= s_hw[0] else (s_hw, t_hw)
-        if big[0] % small[0] or big[1] % small[1]:
-            raise ConfigError(
-                f"teacher {recipe.teacher.model} last map is {t_hw[0]}x{t_hw[1]} and student "
-                f"{recipe.student.model} last map is {s_hw[0]}x{s_hw[1]} for "
-                f"{in_shape[1]}x{in_shape[2]} inputs: NORM needs an integer size ratio"
-            )
-        student = attach_ft(
+    if norm is None:
+        return plain
+    assert teacher is not None and t_spec is not None
+    example = _example(plain, in_shape)
+    with torch.no_grad():
+        t_hw = _feat_hw(teacher, t_spec.feat, _example(teacher, in_shape))
+        s_hw = _feat_hw(plain, s_spec.feat, example)
+    big, small = (t_hw, s_hw) if t_hw[0] >= s_hw[0] else (s_hw, t_hw)
+    if big[0] % small[0] or big[1] % small[1]:
+        raise ConfigError(
+            f"teacher {t_name} last map is {t_hw[0]}x{t_hw[1]} and student "
+            f"{s_name} last map is {s_hw[0]}x{s_hw[1]} for "
+            f"{in_shape[1]}x{in_shape[2]} inputs: NORM needs an integer size ratio"
+        )
+    try:
+        return attach_ft(
             plain, t_spec.feat_channels, norm.n, bn=norm.bn, residual=norm.residual, example=example
         )
-    return student, teacher, plain
+    except ValueError as err:
+        raise ConfigError(f"student {s_name} cannot take NORM's FT: {err}") from None
+
+
+def _create(role: str, name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """create_model, with constructor keywords that do not fit reported as a recipe error."""
+    try:
+        return create_model(name, num_classes=num_classes, **kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as err:  # a keyword the constructor refuses
+        raise ConfigError(f"{role}.kwargs {kwargs} do not fit model {name!r}: {err}") from None
+
+
+def _load(role: str, model: nn.Module, weights: str | Path) -> None:
+    """load_weights, with errors saying which recipe key named the file."""
+    from normkd.models import load_weights
+    from normkd.models.weights import CheckpointError
+
+    try:
+        load_weights(model, weights)
+    except CheckpointError as err:
+        raise CheckpointError(f"{role}.weights: {err}") from None
 
 
 def _feat_hw(model: nn.Module, feat: str, example: torch.Tensor) -> tuple[int, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,24 +12,44 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from normkd.models.weights import CheckpointError
+from normkd.errors import UserError
+from normkd.models.weights import CheckpointError, safe_torch_load
 
 FORMAT = "normkd-checkpoint-v1"
+TEMP_GLOB = ".*.tmp"  # what _atomic's temp files look like; a kill -9 can leave one behind
+STATE_KEYS = ("epoch", "distiller", "optimizer", "best_top1", "best_epoch", "recipe")
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write through a temp file in the same folder, fsync, then rename over ``path``.
+
+    A reader sees the old file or the new one, never a partial one, whenever the writer dies.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # disk full, folder removed, ...: the previous file is untouched
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temp files that killed writers left in ``folder``; returns what was removed."""
+    stale = sorted(folder.glob(TEMP_GLOB)) if folder.is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -42,18 +61,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a training state written by :func:`save_checkpoint`, never unpickling code."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain data"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} (corrupt or truncated?): {err}"
-        ) from err
+    state = safe_torch_load(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a normkd training checkpoint")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing or not isinstance(state["distiller"], dict) or not isinstance(state["epoch"], int):
+        raise CheckpointError(
+            f"{path} is an incomplete normkd training checkpoint (missing {', '.join(missing)})"
+            if missing
+            else f"{path} is a malformed normkd training checkpoint"
+        )
     return state
 
 
@@ -74,7 +91,24 @@ def read_model_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
     if meta is None:
         raise CheckpointError(f"{path} has no normkd metadata (was it written by normkd?)")
-    return json.loads(meta)
+    try:
+        out = json.loads(meta)
+    except ValueError:
+        out = None
+    ok = (
+        isinstance(out, dict)
+        and isinstance(out.get("model"), str)
+        and type(out.get("num_classes")) is int
+        and out["num_classes"] >= 1
+        and isinstance(out.get("kwargs", {}), dict)
+        and not {"num_classes", "weights"} & set(out.get("kwargs", {}))
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path}: its normkd metadata must be JSON with model (a name), num_classes "
+            f"(an integer >= 1) and kwargs (a mapping); got {meta[:200]!r}"
+        )
+    return out
 
 
 def load_model_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -85,9 +119,20 @@ def load_model_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
     meta = read_model_meta(path)
-    model = create_model(
-        meta["model"], num_classes=int(meta["num_classes"]), **meta.get("kwargs", {})
-    )
+    if meta["model"] == "external":  # an object passed to normkd.distill, not a name
+        raise CheckpointError(
+            f"{path} holds a {meta.get('class', 'model')} passed from Python (normkd.distill), "
+            "which normkd cannot rebuild by name: build that model yourself and load the weights "
+            f"with normkd.models.load_weights(model, {str(path)!r})"
+        )
+    try:
+        model = create_model(
+            meta["model"], num_classes=meta["num_classes"], **meta.get("kwargs", {})
+        )
+    except UserError as err:  # an unknown model name
+        raise CheckpointError(f"{path}: {err}") from None
+    except (TypeError, ValueError) as err:  # kwargs the model's constructor refuses
+        raise CheckpointError(f"{path}: its kwargs do not fit {meta['model']!r}: {err}") from None
     load_weights(model, path)
     return model.eval(), meta
 
@@ -97,6 +142,7 @@ __all__ = [
     "load_file",
     "load_model_file",
     "read_model_meta",
+    "remove_stale_temps",
     "save_checkpoint",
     "save_model",
 ]

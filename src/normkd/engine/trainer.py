@@ -23,8 +23,20 @@ from torch import nn
 from normkd.config import Recipe, recipe_from_dict, recipe_to_dict
 from normkd.distiller import Distiller
 from normkd.engine import distributed
-from normkd.engine.build import build_data, build_distiller, build_models, resolve_device
-from normkd.engine.checkpoint import load_checkpoint, save_checkpoint, save_model
+from normkd.engine.build import (
+    Prebuilt,
+    build_data,
+    build_distiller,
+    build_models,
+    prepare_student,
+    resolve_device,
+)
+from normkd.engine.checkpoint import (
+    load_checkpoint,
+    remove_stale_temps,
+    save_checkpoint,
+    save_model,
+)
 from normkd.engine.logs import MetricsCSV, TensorBoard
 from normkd.engine.schedule import lr_at
 from normkd.errors import UserError
@@ -46,6 +58,37 @@ class NonFiniteLossError(UserError):
 
 class RunExistsError(UserError):
     """The run directory already holds another run."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; the message says what is saved and how to continue.
+
+    Checkpoints are only ever replaced whole (temp file + rename), so ``last.pt`` still holds the
+    last completed epoch. Still a KeyboardInterrupt, so Python callers can handle it as usual.
+    """
+
+
+def _interrupt_note(recipe: Recipe, dry_run: bool) -> str:
+    """One line for an interrupted run: what ``last.pt`` holds and the flag that continues it."""
+    run_dir = recipe.run_dir()
+    last = run_dir / "last.pt"
+    if dry_run:
+        return "interrupted during a dry run; nothing was written"
+    if last.is_file():
+        try:
+            epoch = load_checkpoint(last)["epoch"]
+        except (UserError, KeyboardInterrupt):
+            epoch = "?"
+        return (
+            f"interrupted; {last} holds epoch {epoch}/{recipe.optim.epochs} (the last completed "
+            "one): run its recipe again with --resume to continue from there"
+        )
+    if (run_dir / "config.yaml").is_file():
+        return (
+            f"interrupted before the first epoch of {run_dir} finished; nothing to resume: "
+            "run its recipe again with --overwrite to start again"
+        )
+    return "interrupted before the run started; nothing was written"
 
 
 @dataclass
@@ -152,8 +195,12 @@ def fit(
     overwrite: bool = False,
     dry_run: bool = False,
     stop_after_epoch: int | None = None,
+    prebuilt: Prebuilt | None = None,
 ) -> RunResult:
     """Run ``recipe`` to the end (or to ``stop_after_epoch``), writing everything to its run dir.
+
+    ``prebuilt`` supplies the data and models instead of building them from the recipe (this is
+    how ``normkd.distill`` runs objects passed from Python through the same loop).
 
     ``dry_run`` builds data and models, runs one forward of the distiller on a batch and returns
     without training or writing anything (fake data stands in when the real folder is absent).
@@ -161,7 +208,11 @@ def fit(
     """
     ctx, dist_device = distributed.setup(recipe.engine.device)
     try:
-        return _fit(recipe, ctx, dist_device, resume, overwrite, dry_run, stop_after_epoch)
+        return _fit(
+            recipe, ctx, dist_device, resume, overwrite, dry_run, stop_after_epoch, prebuilt
+        )
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupt_note(recipe, dry_run)) from None
     finally:
         distributed.teardown(ctx)
 
@@ -174,6 +225,7 @@ def _fit(
     overwrite: bool,
     dry_run: bool,
     stop_after_epoch: int | None,
+    prebuilt: Prebuilt | None = None,
 ) -> RunResult:
     t_start = time.perf_counter()
     run_dir = recipe.run_dir()
@@ -194,10 +246,14 @@ def _fit(
             )
 
     torch.manual_seed(seed)
-    data = build_data(recipe, device, dry_run=dry_run, rank=ctx.rank, world_size=ctx.world_size)
-    student, teacher, plain = build_models(
-        recipe, data.num_classes, data.in_shape, allow_untrained=dry_run
-    )
+    if prebuilt is None:
+        data = build_data(recipe, device, dry_run=dry_run, rank=ctx.rank, world_size=ctx.world_size)
+        student, teacher, plain = build_models(
+            recipe, data.num_classes, data.in_shape, allow_untrained=dry_run
+        )
+    else:
+        data, teacher, plain = prebuilt.data, prebuilt.teacher, prebuilt.student
+        student = prepare_student(recipe, plain, teacher, data.in_shape)
     distiller = build_distiller(recipe, student, teacher, data).to(device)
     if recipe.engine.channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
@@ -219,6 +275,7 @@ def _fit(
     if main:
         if not resume:
             _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+        remove_stale_temps(run_dir)  # partial checkpoint writes of a killed earlier process
         (run_dir / "config.yaml").write_text(
             yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
         )
@@ -366,6 +423,7 @@ def _fit(
     deploy: nn.Module = distiller.student
     meta = {
         "model": recipe.student.model,
+        "class": f"{type(plain).__module__}.{type(plain).__qualname__}",
         "num_classes": data.num_classes,
         "kwargs": recipe.student.kwargs,
         "recipe": recipe.name,

@@ -37,20 +37,37 @@ def list_models() -> list[str]:
 def create_model(
     name: str, num_classes: int = 100, weights: str | Path | None = None, **kwargs: object
 ) -> nn.Module:
-    """Build a registered model; ``weights`` is a local checkpoint loaded safely (no downloads)."""
+    """Build a zoo model, ``timm:<name>`` or ``torchvision:<name>`` (random init); ``weights`` is a
+    local checkpoint loaded safely (never downloaded)."""
     _load_zoo()
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if name not in _REGISTRY:
-        raise UnknownModelError(
-            f"unknown model {name!r}; valid names: {', '.join(sorted(_REGISTRY))}"
-        )
-    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    from normkd.models import external as ext
+
+    if name.startswith(ext.PREFIX):
+        model = ext.create_timm(name[len(ext.PREFIX) :], num_classes=num_classes, **kwargs)
+    elif name.startswith(ext.TV_PREFIX):
+        model = ext.create_torchvision(name[len(ext.TV_PREFIX) :], num_classes, **kwargs)
+    elif name == ext.EXTERNAL:
+        raise UnknownModelError(ext.EXTERNAL_HELP)
+    elif name not in _REGISTRY:
+        raise UnknownModelError(unknown_model_message(name))
+    else:
+        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     if weights is not None:
         from normkd.models.weights import load_weights
 
         load_weights(model, weights)
     return model
+
+
+def unknown_model_message(name: str) -> str:
+    """The error for a name that is neither in the zoo nor ``timm:...``: lists what is valid."""
+    _load_zoo()
+    return (
+        f"unknown model {name!r}; valid names: {', '.join(sorted(_REGISTRY))}, or "
+        "torchvision:<any torchvision classifier>, or timm:<any timm model> (with normkd[timm])"
+    )
 
 
 def _load_zoo() -> None:

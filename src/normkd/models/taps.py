@@ -105,12 +105,11 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
     for i, (n, _m, _o) in enumerate(calls):
         last[n] = i
     order = sorted((i for n, i in last.items() if n), key=int)
-    pools = [
+    pools = [  # global pools: adaptive ones (a fixed-size pool on a small input is not one)
         i
         for i in order
-        if _is_pool(calls[i][1])
-        and isinstance(calls[i][2], torch.Tensor)
-        and _is_global(calls[i][2])
+        if isinstance(calls[i][1], _GLOBAL_POOLS) or type(calls[i][1]).__name__ in _POOL_NAMES
+        if isinstance(calls[i][2], torch.Tensor) and _is_global(calls[i][2])
     ]
     pooled = [calls[i][2] for i in pools]
     maps = [
@@ -126,9 +125,9 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
     # A conv head after global pooling (timm MobileNetV3: pool -> 1x1 conv -> act -> linear):
     # the last conv map is the one the global pool reads, and the head's 1x1 conv its classifier.
     gp = pools[-1] if pools else None
-    if gp is not None and any(i > gp for i in maps) and any(i < gp for i in maps):
-        if all(_is_global(calls[i][2]) for i in maps if i > gp):
-            maps = [i for i in maps if i < gp]
+    head = [i for i in maps if gp is not None and i > gp]
+    if head and len(head) < len(maps) and all(_is_global(calls[i][2]) for i in head):
+        maps = [i for i in maps if i not in head]
     final = calls[maps[-1]][2]
     c = int(final.shape[1])
     heads = [i for i in order if i > maps[-1] and _reads_channels(calls[i][1], c)]
@@ -170,9 +169,15 @@ _POOLS = (
 )
 
 
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 # timm wraps its pools (SelectAdaptivePool2d & co); matched by name so timm stays optional.
 _POOL_NAMES = frozenset(
-    {"SelectAdaptivePool2d", "AdaptiveAvgMaxPool2d", "AdaptiveCatAvgMaxPool2d", "FastAdaptiveAvgPool"}
+    {
+        "SelectAdaptivePool2d",
+        "AdaptiveAvgMaxPool2d",
+        "AdaptiveCatAvgMaxPool2d",
+        "FastAdaptiveAvgPool",
+    }
 )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +18,34 @@ _WRAPPER_KEYS = ("model", "net", "state_dict", "model_state_dict", "student")
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def safe_torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)`` with its failures as one-line CheckpointErrors.
+
+    A file holding anything but tensors and plain data (e.g. a pickle that would run code) is
+    refused before any of it runs.
+    """
+    try:
+        with warnings.catch_warnings():  # plain pickles (protocol > 2) warn on every load
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\.?\n|$)", str(err), re.S)
+        detail = m.group(1).strip() if m else str(err).strip().splitlines()[0]
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain data "
+            f"(normkd never unpickles code; {detail})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (corrupt or truncated?): {_first_sentence(err)}"
+        ) from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(". ")[0][:300]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -36,17 +66,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"refused to load {path}: it holds objects other than tensors and plain data "
-                f"(weights_only=True). normkd never unpickles code. Detail: {str(err).splitlines()[0]}"
-            ) from err
-        except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(
-                f"cannot read checkpoint {path} (corrupt or truncated?): {err}"
-            ) from err
+        obj = safe_torch_load(path)
     state = _unwrap(obj, path)
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -83,7 +103,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
         if state[k].shape != own[k].shape
     )
     if wrong_shape or (strict and (missing or unexpected)):
-        parts = [f"checkpoint {path} does not fit {type(model).__name__}:"]
+        parts = []
         for label, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
@@ -94,6 +114,9 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
                     f", ... ({len(items)} in all)" if len(items) > 8 else ""
                 )
                 parts.append(f"{label}: {shown}")
-        raise CheckpointError("; ".join(parts))
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {type(model).__name__} (another architecture?): "
+            + "; ".join(parts)
+        )
     model.load_state_dict(state, strict=strict)
     return model
