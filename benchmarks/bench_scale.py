@@ -49,7 +49,7 @@ def make_step(
 ) -> Callable[[], int]:
     """One training step (Distiller forward, finite check, SGD) on a fixed on-device batch."""
     from normkd.config import load_recipe
-    from normkd.engine.build import build_distiller, build_models
+    from normkd.engine.build import build_distiller, build_models, build_optimizer
 
     torch.manual_seed(0)
     recipe = load_recipe(recipe_file, ["teacher.weights=null"])
@@ -58,13 +58,7 @@ def make_step(
         recipe.norm.n = n
     student, teacher, _ = build_models(recipe, 100, (3, 32, 32), allow_untrained=True)
     distiller = build_distiller(recipe, student, teacher).to(device).train()
-    o = recipe.optim
-    opt = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad],
-        lr=o.lr,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-    )
+    opt = build_optimizer(recipe, distiller)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     idx = torch.arange(batch, device=device)

@@ -128,7 +128,7 @@ def make_pairs(quick: bool) -> list[Pair]:
 def build(recipe_path: Path, pair: Pair, device: torch.device) -> tuple[Any, nn.Module, Any]:
     """(recipe, Distiller, SGD) built by the engine's own builders, with a random teacher."""
     from normkd.config import load_recipe
-    from normkd.engine.build import build_distiller, build_models
+    from normkd.engine.build import build_distiller, build_models, build_optimizer
 
     recipe = load_recipe(recipe_path, ["teacher.weights=null"])
     in_shape = (pair.x_hwc.shape[3], pair.x_hwc.shape[1], pair.x_hwc.shape[2])
@@ -136,13 +136,7 @@ def build(recipe_path: Path, pair: Pair, device: torch.device) -> tuple[Any, nn.
         recipe, pair.num_classes, in_shape, allow_untrained=True
     )
     distiller = build_distiller(recipe, student, teacher).to(device).train()
-    o = recipe.optim
-    opt = torch.optim.SGD(
-        [p for p in distiller.parameters() if p.requires_grad],
-        lr=o.lr,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-    )
+    opt = build_optimizer(recipe, distiller)
     return recipe, distiller, opt
 
 

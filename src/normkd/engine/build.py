@@ -467,3 +467,15 @@ def build_distiller(
     terms, weights = build_terms(recipe, ctx)
     scale = recipe.logit_standardization.scale if recipe.logit_standardization.enabled else None
     return Distiller(student, terms, weights, teacher=teacher, logit_scale=scale)
+
+
+def build_optimizer(recipe: Recipe, module: nn.Module) -> torch.optim.SGD:
+    """SGD over the trainable parameters of ``module`` (student, FT, term heads; never the teacher)."""
+    o = recipe.optim
+    return torch.optim.SGD(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+    )

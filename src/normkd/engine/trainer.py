@@ -28,6 +28,7 @@ from normkd.engine.build import (
     build_data,
     build_distiller,
     build_models,
+    build_optimizer,
     prepare_student,
     resolve_device,
 )
@@ -283,14 +284,7 @@ def _fit(
     distributed.barrier(ctx)
 
     opt_cfg = recipe.optim
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params,
-        lr=opt_cfg.lr,
-        momentum=opt_cfg.momentum,
-        nesterov=opt_cfg.nesterov,
-        weight_decay=opt_cfg.weight_decay,
-    )
+    optimizer = build_optimizer(recipe, distiller)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.engine.amp == "fp16")
 
     start_epoch, best_top1, best_epoch = 0, -1.0, -1
