@@ -1,7 +1,11 @@
 """Shared test settings: small thread count and deterministic seeds for the 2-core CI machine."""
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from support import DEMO, FAST, sets, write_image_folder
 
 torch.set_num_threads(2)
 
@@ -9,30 +13,6 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-def write_image_folder(root, classes=3, per_class=12, size=32, split=None, seed=0):
-    """Tiny PNGs whose dominant colour is their class (learnable in a few steps).
-
-    ``split=None`` writes ROOT/<class>/*.png; ``split=(n_train, n_val)`` writes ROOT/train/<class>/
-    and ROOT/val/<class>/. Returns ``root``.
-    """
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    parts = [("", per_class)] if split is None else [("train", split[0]), ("val", split[1])]
-    for part, n in parts:
-        for c in range(classes):
-            folder = root / part / f"class_{c}" if part else root / f"class_{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-                img[..., c % 3] += 150  # the class's colour channel is bright
-                if c >= 3:  # more than 3 classes: a bright top half tells them apart
-                    img[: size // 2] //= 2
-                Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture
@@ -45,3 +25,15 @@ def write_images():
 def image_folder(tmp_path):
     """A generated 3-class folder of 32x32 PNGs, 12 per class, no train/val split."""
     return write_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def demo_teacher(tmp_path_factory) -> Path:
+    """model.safetensors of a resnet8 demo teacher (2 epochs on 300 digits), trained once per
+    session through the CLI; recipes that use it set ``teacher.model=resnet8``."""
+    from normkd.cli import main
+
+    out = tmp_path_factory.mktemp("demo_teacher")
+    argv = ["train", str(DEMO / "teacher.yaml"), "--out-dir", str(out), "--quiet"]
+    assert main([*argv, *sets(*FAST, "student.model=resnet8", "optim.epochs=2")]) == 0
+    return out / "demo_teacher" / "model.safetensors"
