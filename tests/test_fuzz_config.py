@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normkd.config import (
@@ -32,7 +32,7 @@ BASE = {
     "optim": {"epochs": 20, "lr": 0.05, "milestones": [10, 15]},
     "engine": {"device": "cpu", "amp": "off"},
 }
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=250, deadline=None)
 
 # Keys the recipe knows (so edits often land on real fields), list indices and junk.
 KNOWN = sorted(

@@ -10,13 +10,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from normkd.norm import FeatureTransform, FTStudent, attach_ft, norm_loss
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=120, deadline=None)
 
 # Arguments that should be positive integers: valid ones, and every kind of wrong one.
 counts = st.integers(1, 4) | st.integers(-2, 0) | st.sampled_from([True, 1.0, 2.5, "2", None])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from normkd.models import create_model, list_models
-from normkd.models.taps import capture, get_module
+from normkd.models.taps import get_module
 
 NAMES = ["MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"]
 
@@ -99,45 +99,6 @@ def models() -> dict[str, nn.Module]:
 def test_registered() -> None:
     """The four builders are reachable through the registry under their benchmark names."""
     assert set(NAMES) <= set(list_models())
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_tap_contract(name: str, models: dict[str, nn.Module]) -> None:
-    """Declared taps fit the maps and feat -> global pool -> classifier reproduces the logits."""
-    model = models[name]
-    spec = model.tap_spec
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad(), capture(model, [*spec.stages, spec.feat]) as maps:
-        logits = model(x)
-    assert logits.shape == (2, 100)
-    assert spec.stages[-1] == spec.feat
-    for stage, channels in zip(spec.stages, spec.stage_channels, strict=True):
-        assert maps[stage].shape[1] == channels, stage
-    assert [maps[s].shape[-1] for s in spec.stages] == STAGE_SIZES[name]
-    assert maps[spec.feat].shape[1] == spec.feat_channels
-    classifier = get_module(model, spec.classifier)
-    assert isinstance(classifier, nn.Linear)
-    with torch.no_grad():
-        rebuilt = classifier(maps[spec.feat].mean((2, 3)))
-    torch.testing.assert_close(rebuilt, logits, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_feat_hook_replaces_pooled_input(name: str, models: dict[str, nn.Module]) -> None:
-    """A hook replacing feat's output must change the logits exactly as the classifier predicts."""
-    model = models[name]
-    spec = model.tap_spec
-    feat_mod = get_module(model, spec.feat)
-    classifier = get_module(model, spec.classifier)
-    handle = feat_mod.register_forward_hook(lambda _m, _i, out: torch.ones_like(out))
-    try:
-        with torch.no_grad():
-            logits = model(torch.randn(2, 3, 32, 32))
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        expected = classifier(torch.ones(2, spec.feat_channels))
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from normkd.models import create_model, list_models
-from normkd.models.taps import TapSpec, capture, get_module
+from normkd.models.taps import capture
 
 RESNETS = [f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)] + ["resnet8x4", "resnet32x4"]
 WRNS = ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
@@ -123,48 +123,6 @@ def _model(name: str) -> nn.Module:
 
 def test_all_registered() -> None:
     assert set(ALL) <= set(list_models())
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_forward_and_taps(name: str) -> None:
-    model = _model(name)
-    spec = model.tap_spec
-    assert isinstance(spec, TapSpec)
-    assert spec.stages[-1] == spec.feat
-    assert isinstance(get_module(model, spec.classifier), nn.Linear)
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad(), capture(model, (*spec.stages, spec.feat)) as maps:
-        logits = model(x)
-    assert logits.shape == (2, 100)
-    for stage, channels in zip(spec.stages, spec.stage_channels, strict=True):
-        assert maps[stage].dim() == 4
-        assert maps[stage].shape[1] == channels, stage
-    feat = maps[spec.feat]
-    assert feat.shape[1] == spec.feat_channels
-    # Stages go shallow to deep: spatial size never grows.
-    sizes = [maps[s].shape[-1] for s in spec.stages]
-    assert sizes == sorted(sizes, reverse=True)
-    fc = get_module(model, spec.classifier)
-    with torch.no_grad():
-        torch.testing.assert_close(fc(feat.mean((2, 3))), logits, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["resnet8", "resnet8x4", "wrn_16_1", "vgg8"])
-def test_feat_hook_replaces_pooled_input(name: str) -> None:
-    # normkd swaps the feat output with a hook; nothing may sit between feat and pooling.
-    model = create_model(name, num_classes=7).eval()
-    spec = model.tap_spec
-    handle = get_module(model, spec.feat).register_forward_hook(
-        lambda _m, _i, out: torch.zeros_like(out)
-    )
-    try:
-        with torch.no_grad():
-            logits = model(torch.randn(2, 3, 32, 32))
-    finally:
-        handle.remove()
-    bias = get_module(model, spec.classifier).bias
-    torch.testing.assert_close(logits, bias.detach().expand(2, 7))
 
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8"])

@@ -10,7 +10,6 @@ import torchvision
 from torch import nn
 
 from normkd.models import create_model, list_models
-from normkd.models.taps import capture, discover_taps, get_module
 
 NAMES = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v1", "resnet50_1_4"]
 
@@ -23,36 +22,6 @@ def _conv_params(model: nn.Module) -> int:
 def test_all_registered() -> None:
     """Every ImageNet builder is reachable through the registry."""
     assert set(NAMES) <= set(list_models())
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_tap_contract(name: str) -> None:
-    """Declared taps fit the maps, feat -> pool -> classifier gives logits, discovery agrees."""
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10).eval()
-    spec = model.tap_spec
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), capture(model, [*spec.stages, spec.feat]) as maps:
-        logits = model(x)
-    assert logits.shape == (2, 10)
-    assert spec.stages[-1] == spec.feat
-    for stage, channels in zip(spec.stages, spec.stage_channels, strict=True):
-        assert maps[stage].shape[1] == channels, stage
-    sizes = [maps[s].shape[-1] for s in spec.stages]
-    assert sizes == [16, 8, 4, 2]  # 1/4 .. 1/32 of the input
-    assert maps[spec.feat].shape[1] == spec.feat_channels
-    classifier = get_module(model, spec.classifier)
-    assert isinstance(classifier, nn.Linear)
-    with torch.no_grad():
-        rebuilt = classifier(maps[spec.feat].mean((2, 3)))
-    torch.testing.assert_close(rebuilt, logits, atol=1e-5, rtol=1e-5)
-
-    found = discover_taps(model)
-    assert (found.feat, found.feat_channels, found.classifier) == (
-        spec.feat,
-        spec.feat_channels,
-        spec.classifier,
-    )
 
 
 def test_resnet50_1_4_is_a_sixteenth() -> None:

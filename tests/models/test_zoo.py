@@ -1,5 +1,6 @@
 """Every zoo model: registry, tap contract, merge exactness, and published-checkpoint loading."""
 
+import functools
 import os
 import pickle
 
@@ -17,6 +18,7 @@ from normkd.models import (
     list_models,
     load_weights,
 )
+from normkd.models.taps import TapSpec, discover_taps
 from normkd.norm import attach_ft, max_logit_diff, merge_ft, norm_loss
 
 IMAGENET = {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v1", "resnet50_1_4"}
@@ -42,20 +44,71 @@ def test_unknown_model_lists_valid_names():
         create_model("resnet8", num_classes=0)
 
 
+# Spatial side of each declared stage map at the test input size (32x32 CIFAR, 64x64 ImageNet).
+STAGE_SIZES = {
+    "MobileNetV2": [16, 16, 8, 4, 2, 2],
+    "ShuffleV1": [32, 16, 8, 4],
+    "ShuffleV2": [32, 16, 8, 4, 4],
+    "ResNet50": [32, 32, 16, 8, 4],
+    **{name: [16, 8, 4, 2] for name in IMAGENET},  # 1/4 .. 1/32 of the input
+}
+
+
+@functools.cache
+def _model(name: str) -> nn.Module:
+    """Each zoo model built once per session (ResNet50 initialisation dominates otherwise)."""
+    torch.manual_seed(0)
+    return create_model(name, num_classes=7).eval()
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_taps_match_declared_channels(name):
-    model = create_model(name, num_classes=7).eval()
+def test_tap_contract(name):
+    """Declared taps fit the maps (channels; stages shallow to deep, last = feat), feat -> global
+    average pool -> classifier reproduces the logits, and discovery finds the same taps."""
+    model = _model(name)
     spec = get_taps(model)
+    assert isinstance(spec, TapSpec) and spec.stages[-1] == spec.feat
     x = _input(name, 2)
     with torch.no_grad(), capture(model, [*spec.stages, spec.feat]) as maps:
         logits = model(x)
     assert logits.shape == (2, 7)
+    for stage, c in zip(spec.stages, spec.stage_channels, strict=True):
+        assert maps[stage].dim() == 4 and maps[stage].shape[1] == c, stage
+    sizes = [maps[s].shape[-1] for s in spec.stages]
+    assert sizes == sorted(sizes, reverse=True)
+    if name in STAGE_SIZES:
+        assert sizes == STAGE_SIZES[name]
     assert maps[spec.feat].shape[1] == spec.feat_channels
-    for stage, c in zip(spec.stages, spec.stage_channels):
-        assert maps[stage].shape[1] == c, stage
     fc = model.get_submodule(spec.classifier)
     assert isinstance(fc, nn.Linear)
-    assert torch.allclose(fc(maps[spec.feat].mean((2, 3))), logits, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fc(maps[spec.feat].mean((2, 3))), logits, atol=1e-5, rtol=1e-5)
+    if name in IMAGENET:
+        found = discover_taps(model)
+        assert (found.feat, found.feat_channels, found.classifier) == (
+            spec.feat,
+            spec.feat_channels,
+            spec.classifier,
+        )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_feat_hook_replaces_pooled_input(name):
+    """normkd swaps feat's output with a hook: nothing but global pooling may sit between feat
+    and the classifier, so constant maps give exactly the classifier of that constant."""
+    model = _model(name)
+    spec = get_taps(model)
+    handle = model.get_submodule(spec.feat).register_forward_hook(
+        lambda _m, _i, out: torch.ones_like(out)
+    )
+    try:
+        with torch.no_grad():
+            logits = model(_input(name, 2))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        expected = model.get_submodule(spec.classifier)(torch.ones(2, spec.feat_channels))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL)
