@@ -9,32 +9,14 @@ import torch
 
 from normkd.cli import build_parser, main
 from normkd.engine.checkpoint import load_model_file
+from support import DEMO, sets
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 FAST = ["data.n_train=200", "engine.device=cpu", "optim.epochs=1"]
 
 
-def _sets(items):
-    return [a for s in items for a in ("--set", s)]
-
-
 @pytest.fixture(scope="module")
-def norm_run(tmp_path_factory) -> Path:
+def norm_run(tmp_path_factory, demo_teacher) -> Path:
     out = tmp_path_factory.mktemp("cli")
-    assert (
-        main(
-            [
-                "train",
-                str(DEMO / "teacher.yaml"),
-                "--out-dir",
-                str(out),
-                "--quiet",
-                *_sets([*FAST, "student.model=resnet8"]),
-            ]
-        )
-        == 0
-    )
-    teacher = out / "demo_teacher" / "model.safetensors"
     assert (
         main(
             [
@@ -43,7 +25,7 @@ def norm_run(tmp_path_factory) -> Path:
                 "--out-dir",
                 str(out),
                 "--quiet",
-                *_sets([*FAST, "teacher.model=resnet8", f"teacher.weights={teacher}"]),
+                *sets(*FAST, "teacher.model=resnet8", f"teacher.weights={demo_teacher}"),
             ]
         )
         == 0

@@ -12,31 +12,13 @@ from normkd.cli import main
 from normkd.config import load_recipe
 from normkd.engine import fit
 from normkd.engine.checkpoint import load_checkpoint, load_model_file
-
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
-FAST = ["data.n_train=300", "engine.quiet=true", "engine.device=cpu"]
+from support import DEMO, FAST, sets
 
 
-def _sets(*items: str) -> list[str]:
-    return [a for s in items for a in ("--set", s)]
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    """A small teacher trained for two epochs once for this module."""
-    out = tmp_path_factory.mktemp("teacher")
-    rc = main(
-        [
-            "train",
-            str(DEMO / "teacher.yaml"),
-            "--out-dir",
-            str(out),
-            "--quiet",
-            *_sets(*FAST, "student.model=resnet8", "optim.epochs=2"),
-        ]
-    )
-    assert rc == 0
-    return out / "demo_teacher" / "model.safetensors"
+@pytest.fixture
+def teacher_file(demo_teacher: Path) -> Path:
+    """The session's resnet8 demo teacher (tests/conftest.py)."""
+    return demo_teacher
 
 
 def _recipe(name: str, out: Path, teacher: Path, *extra: str):
@@ -61,7 +43,7 @@ def test_distill_cli_writes_every_artifact(tmp_path, teacher_file, capsys):
             "--out-dir",
             str(tmp_path),
             "--quiet",
-            *_sets(
+            *sets(
                 *FAST, "teacher.model=resnet8", f"teacher.weights={teacher_file}", "optim.epochs=2"
             ),
         ]
@@ -144,7 +126,7 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, teacher_fi
         "--out-dir",
         str(tmp_path),
         "--quiet",
-        *_sets(*FAST, "teacher.model=resnet8", f"teacher.weights={teacher_file}", "optim.epochs=1"),
+        *sets(*FAST, "teacher.model=resnet8", f"teacher.weights={teacher_file}", "optim.epochs=1"),
     ]
     assert main(args) == 0
     before = (tmp_path / "demo_kd" / "model.safetensors").read_bytes()
