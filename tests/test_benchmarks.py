@@ -1,13 +1,17 @@
 """The benchmark scripts' smoke runs: each ``--quick`` writes its report, tables and figure.
 
-Only the plumbing is tested (files, environment line, table headers); speed and accuracy values
-are benchmark figures, not test facts. The scripts run with one thread: on a shared 2-core
-machine two spinning OpenMP threads beside another job make a smoke run several times slower.
+Mostly the plumbing is tested (files, environment line, table headers); speed and accuracy
+values are benchmark figures, not test facts. The deploy report's size and equivalence figures
+are facts (merging FT is exact), so those are checked too. The scripts run with one thread: on a
+shared 2-core machine two spinning OpenMP threads beside another job make a smoke run several
+times slower.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +38,49 @@ HEADERS = {
         "| step | ms / step | spread | images / s | time / KD-only time |",
     ],
 }
+
+
+def _table(md: str, header_start: str) -> list[dict[str, str]]:
+    """The rows (header -> cell) of the Markdown table whose header line starts so."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    headers = cells(lines[start])
+    rows = []
+    for line in lines[start + 2 :]:  # skip the | --- | line
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(headers, cells(line), strict=True)))
+    return rows
+
+
+def _check_deploy_merges(md: str, stdout: str) -> None:
+    """The deploy report's figures show a real merge, so a benchmark that skipped merge_ft (or
+    reported the FT student as the merged one) fails: the merged student has exactly the plain
+    student's parameters (and FLOPs), fewer than the FT student, and the FT student's logits.
+
+    Exact parameter counts come from the script's progress lines; the report rounds to 0.01M.
+    """
+    rows = _table(md, "| student | FT sized for teacher |")
+    assert rows, md
+    for row in rows:
+        assert row["params merged"] == row["params plain"], row
+        assert float(row["params merged"][:-1]) < float(row["params FT"][:-1]), row
+        assert row["FLOPs merged"] == row["FLOPs plain"], row
+        assert row["merged = plain"] == "yes", row
+        assert float(row["max logit diff FT vs merged"].split()[0]) <= 1e-4, row
+    progress = re.findall(r"params (\{[^}]*\}), max logit diff (\S+),", stdout)
+    assert len(progress) == len(rows), stdout
+    for params, diff in progress:
+        counts = ast.literal_eval(params)
+        assert counts["merged"] == counts["plain"] < counts["ft"], counts
+        assert float(diff) <= 1e-4, diff
+
+
+FIGURE_CHECKS = {"deploy": _check_deploy_merges}
 
 
 def _quick(script: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -63,6 +110,8 @@ def test_quick_run_writes_markdown_and_plot(name: str, tmp_path: Path) -> None:
         assert header in md, f"{header!r} missing from {name}.md"
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert not (tmp_path / "runs").exists()  # training runs go to a temporary folder
+    if name in FIGURE_CHECKS:
+        FIGURE_CHECKS[name](md, proc.stdout)
 
 
 def test_index_links_reports_and_copies_verdicts(
