@@ -65,11 +65,28 @@ def test_same_seed_same_train_order(root: Path) -> None:
         train, _, _ = imagenet_loaders(root, 2, 0, seed=seed, image_size=32)
         orders.append(torch.cat([b[2] for b in train]).tolist())
     assert orders[0] == orders[1]
+    assert orders[0] != orders[2]  # the seed is used, not a fixed order
 
 
-def test_workers_enable_persistent_workers(root: Path) -> None:
+def test_train_order_is_a_function_of_seed_and_epoch(root: Path) -> None:
+    """The engine calls sampler.set_epoch(epoch): every epoch has its own order, and a fresh
+    loader (a resumed run) set to epoch 1 replays the epoch-1 order of one that ran epoch 0."""
+    running, _, _ = imagenet_loaders(root, 2, 0, seed=1, image_size=32)
+    orders = []
+    for epoch in (0, 1):
+        running.sampler.set_epoch(epoch)
+        orders.append(torch.cat([b[2] for b in running]).tolist())
+    assert orders[0] != orders[1]
+    resumed, _, _ = imagenet_loaders(root, 2, 0, seed=1, image_size=32)
+    resumed.sampler.set_epoch(1)
+    assert torch.cat([b[2] for b in resumed]).tolist() == orders[1]
+
+
+def test_val_workers_persist_and_train_workers_start_per_epoch(root: Path) -> None:
+    """Persistent train workers would carry their RNG (the augmentation) from one epoch to the
+    next, so a resumed run would crop differently; new ones are seeded per epoch by the engine."""
     train, val, _ = imagenet_loaders(root, 2, 1, image_size=32)
-    assert train.num_workers == 1 and train.persistent_workers and val.persistent_workers
+    assert train.num_workers == 1 and not train.persistent_workers and val.persistent_workers
     train, _, _ = imagenet_loaders(root, 2, 0, image_size=32)
     assert not train.persistent_workers
 

@@ -1,12 +1,16 @@
-"""torchrun / DDP on the CPU (gloo): 2 processes equal 1, and a killed 2-process run resumes.
+"""torchrun / DDP on the CPU (gloo): 2 processes equal 1, a killed 2-process run resumes, the
+deployable model of a 2-process NORM run is the merged plain student, evaluation is sharded over
+ranks without changing the numbers, and settings that cannot work under torchrun are refused.
 
-The student and its FT are BatchNorm-free (``tinycnn`` with ``norm: none``, FT with ``bn: false``): per-sample gradients then do not
-depend on how the global batch is split over processes, so 1 and 2 processes must agree to float
-rounding. (With BatchNorm they differ by design unless SyncBatchNorm is used, which PyTorch only
-offers on GPUs.)
+The digits runs use a BatchNorm-free student and FT (``tinycnn`` with ``norm: none``, FT with
+``bn: false``): per-sample gradients then do not depend on how the global batch is split over
+processes, so 1 and 2 processes must agree to float rounding. (With BatchNorm they differ by design
+unless SyncBatchNorm is used, which PyTorch only offers on GPUs.)
 """
 
+import contextlib
 import csv
+import json
 import os
 import signal
 import socket
@@ -17,11 +21,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 
 from normkd.cli import main
-from normkd.engine.checkpoint import load_checkpoint
+from normkd.config import load_recipe
+from normkd.engine import evaluate
+from normkd.engine.build import build_data, build_distiller, build_models
+from normkd.engine.checkpoint import load_checkpoint, load_model_file
+from normkd.models import create_model
+from normkd.norm import FTStudent, merge_ft
+from support import write_image_folder
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
+KILL_EPOCHS = 8  # epochs take ~0.1 s on 2 CPU cores: room to kill after epoch 1, before the end
 
 
 def _sets(*items: str) -> list[str]:
@@ -73,6 +86,11 @@ def _student_sets(teacher: Path, epochs: int = 3) -> list[str]:
 
 
 def _launch(nproc: int, out: Path, teacher: Path, *extra: str, epochs: int = 3):
+    return _torchrun(nproc, out, *_student_sets(teacher, epochs), *extra)
+
+
+def _torchrun(nproc: int, out: Path, *args: str, recipe: str = "norm_kd.yaml"):
+    """``torchrun -m normkd distill DEMO/recipe --out-dir OUT --quiet ARGS`` in its own session."""
     cmd = [
         sys.executable,
         "-m",
@@ -83,12 +101,11 @@ def _launch(nproc: int, out: Path, teacher: Path, *extra: str, epochs: int = 3):
         "-m",
         "normkd",
         "distill",
-        str(DEMO / "norm_kd.yaml"),
+        str(DEMO / recipe),
         "--out-dir",
         str(out),
         "--quiet",
-        *_student_sets(teacher, epochs),
-        *extra,
+        *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
@@ -99,6 +116,19 @@ def _launch(nproc: int, out: Path, teacher: Path, *extra: str, epochs: int = 3):
         text=True,
         start_new_session=True,
     )
+
+
+def _children(pid: int) -> list[int]:
+    """Ids of the processes whose parent is ``pid`` (read from Linux's /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
@@ -139,25 +169,177 @@ def test_two_processes_equal_one(tmp_path, teacher):
 
 
 def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, teacher):
-    full = _launch(2, tmp_path / "full", teacher)
+    """kill -9 of the whole torchrun job (launcher and both workers) after epoch 1; --resume must
+    end where a run that was never stopped ends. The kill must land before the run finished, or
+    nothing was resumed."""
+    full = _launch(2, tmp_path / "full", teacher, epochs=KILL_EPOCHS)
     out, _ = full.communicate(timeout=300)
     assert full.returncode == 0, out
 
     run = tmp_path / "cut" / "demo_norm_kd"
-    proc = _launch(2, tmp_path / "cut", teacher)
+    proc = _launch(2, tmp_path / "cut", teacher, epochs=KILL_EPOCHS)
     deadline = time.time() + 240
-    while time.time() < deadline:
-        if (run / "last.pt").exists() and load_checkpoint(run / "last.pt")["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # last.pt appears (renamed into place whole) after epoch 1; a stat is all the poll costs, so
+    # the kill follows quickly even on a loaded machine.
+    while time.time() < deadline and proc.poll() is None and not (run / "last.pt").exists():
+        time.sleep(0.01)
+    # torchrun starts each worker in a session of its own: kill them by pid, then the launcher.
+    workers = _children(proc.pid)
+    for pid in [*workers, -proc.pid]:
+        with contextlib.suppress(ProcessLookupError):  # the run may have ended on its own
+            os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert (run / "last.pt").exists(), out
     done = load_checkpoint(run / "last.pt")["epoch"]
-    resumed = _launch(2, tmp_path / "cut", teacher, "--resume")
+    print(f"killed after epoch {done} of {KILL_EPOCHS}")
+    assert 1 <= done < KILL_EPOCHS, f"the kill landed after epoch {done} of {KILL_EPOCHS}: {out}"
+    assert not (run / "model.safetensors").exists(), "the killed run had already finished"
+    assert len(workers) == 2, out
+    resumed = _launch(2, tmp_path / "cut", teacher, "--resume", epochs=KILL_EPOCHS)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     a = load_checkpoint(tmp_path / "full" / "demo_norm_kd" / "last.pt")["distiller"]
     b = load_checkpoint(run / "last.pt")["distiller"]
     for k in a:
         assert torch.equal(a[k], b[k]), (k, done)
-    assert [int(r["epoch"]) for r in _rows(run)] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in _rows(run)] == list(range(KILL_EPOCHS))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder root with train/ and val/, model.safetensors of a tinycnn teacher on it).
+
+    6 val images: divisible by 2, so DistributedSampler pads no duplicate into the 2-rank eval.
+    """
+    tmp = tmp_path_factory.mktemp("ddp_folder")
+    root = write_image_folder(tmp / "images", classes=3, size=20, split=(8, 2))
+    argv = ["train", str(DEMO / "teacher.yaml"), "--out-dir", str(tmp), "--quiet"]
+    assert main([*argv, *_sets(*_folder_sets(root), "student.model=tinycnn")]) == 0
+    return root, tmp / "demo_teacher" / "model.safetensors"
+
+
+def _folder_sets(root: Path) -> list[str]:
+    return [
+        "data.kind=folder",
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.workers=0",
+        "data.batch_size=8",
+        "data.eval_batch_size=2",
+        "optim.epochs=2",
+        "engine.device=cpu",
+    ]
+
+
+def test_two_process_norm_run_with_ft_batchnorm_deploys_the_merged_student(tmp_path, folder):
+    """One 2-process NORM run on an image folder (a DataLoader with a DistributedSampler), FT
+    with BatchNorm, checked twice over:
+
+    - model.safetensors is the plain student (no FT keys) whose logits are merge_ft of the FT
+      student restored from last.pt: rank 0 merges what DDP trained, not a copy or the FT model.
+    - the reported test accuracy and loss, measured on per-rank shards of the val set and summed
+      over ranks, equal a 1-process evaluation on the whole val set.
+    """
+    root, teacher_file = folder
+    proc = _torchrun(
+        2,
+        tmp_path,
+        *_sets(
+            *_folder_sets(root),
+            "teacher.model=tinycnn",
+            f"teacher.weights={teacher_file}",
+            "student.model=tinycnn",
+            "student.kwargs={width: 8}",
+            "loss.2.bn=true",
+        ),
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    run = tmp_path / "demo_norm_kd"
+
+    model, meta = load_model_file(run / "model.safetensors")
+    fresh = create_model("tinycnn", num_classes=3, width=8)
+    assert set(load_file(run / "model.safetensors")) == set(fresh.state_dict())
+    assert meta["merged_from_ft"]
+
+    recipe = load_recipe(run / "config.yaml")
+    data = build_data(recipe, torch.device("cpu"))
+    assert len(data.test.dataset) == 6
+    student, teacher, _plain = build_models(recipe, data.num_classes, data.in_shape)
+    distiller = build_distiller(recipe, student, teacher, data)
+    distiller.load_state_dict(load_checkpoint(run / "last.pt")["distiller"])
+    ft = distiller.student.eval()
+    assert isinstance(ft, FTStudent) and any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in ft.ft.modules()
+    )
+    x = torch.cat([b[0] for b in data.test])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), merge_ft(ft).eval()(x), rtol=0, atol=1e-5)
+
+    whole_ft = evaluate(ft, data.test, torch.device("cpu"))
+    whole_model = evaluate(model, data.test, torch.device("cpu"))
+    last = _rows(run)[-1]
+    summary = json.loads((run / "summary.json").read_text())
+    # metrics.csv holds 6 significant digits; summary.json the exact value. The loss also tells
+    # whether every rank evaluated rank 0's model: after the last step each rank holds its own
+    # BatchNorm running statistics, so unless they are synced before evaluation the shards are
+    # scored by slightly different models (the top-1 of 6 images can hide that, the loss cannot).
+    assert float(last["test_top1"]) == pytest.approx(whole_ft["top1"], rel=1e-5)
+    assert float(last["test_loss"]) == pytest.approx(whole_ft["loss"], rel=1e-5)
+    assert summary["final_top1"] == pytest.approx(whole_ft["top1"], abs=1e-9)
+    assert summary["merged_top1"] == pytest.approx(whole_model["top1"], abs=1e-9)
+
+
+def test_sync_bn_on_cpu_is_refused_under_torchrun(tmp_path, teacher):
+    """PyTorch has no CPU SyncBatchNorm: every rank must stop with the one-line user error (exit
+    code 2, as any normkd user error) instead of a traceback or a silently unsynced run.
+
+    The ranks are started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* set), without
+    the launcher, so each process's own exit code is seen.
+    """
+    port = str(_free_port())
+    argv = [sys.executable, "-m", "normkd", "distill", str(DEMO / "norm_kd.yaml")]
+    argv += ["--out-dir", str(tmp_path), "--quiet", *_student_sets(teacher, epochs=1)]
+    argv += _sets("engine.sync_bn=true")
+    procs = [
+        subprocess.Popen(
+            argv,
+            env=dict(
+                os.environ,
+                OMP_NUM_THREADS="1",
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (rank, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "engine.sync_bn needs CUDA" in lines[0], (rank, err)
+    assert not (tmp_path / "demo_norm_kd" / "last.pt").exists()
+
+
+def test_cuda_index_is_refused_under_torchrun(tmp_path, teacher, monkeypatch, capsys):
+    """Under torchrun each rank takes cuda:LOCAL_RANK, so a fixed cuda:N is refused before any
+    process group exists (MASTER_ADDR unset: creating one would fail instead of exiting 2)."""
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    argv = ["distill", str(DEMO / "norm_kd.yaml"), "--out-dir", str(tmp_path), "--quiet"]
+    rc = main([*argv, *_student_sets(teacher, epochs=1), *_sets("engine.device=cuda:1")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "under torchrun use 'auto' or 'cuda'" in lines[0], err
+    assert not dist.is_initialized()
+    assert list(tmp_path.iterdir()) == []

@@ -93,26 +93,27 @@ def indexed_loaders(
     distributed: bool = False,
     seed: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train (shuffled, seeded, full batches) and val loaders yielding (x, y, idx)."""
+    """Train (shuffled, seeded, full batches) and val loaders yielding (x, y, idx).
+
+    The train order is a function of (seed, epoch) alone: a DistributedSampler reshuffles with
+    ``seed + epoch`` when the engine calls ``train_loader.sampler.set_epoch(epoch)``, also in one
+    process (one replica, no process group needed), so a resumed run draws the same order as one
+    that never stopped (a generator seeded once per process would replay epoch 0's order), and
+    one process sees the same global batches as several. The train loader's workers are not
+    persistent: each epoch starts new ones seeded from torch's global RNG, which the engine
+    re-seeds per epoch, so the augmentation (RandomResizedCrop, flip) of an epoch does not depend
+    on the epochs before it either (persistent workers would carry their RNG state over).
+    """
     train, val = IndexedDataset(train_set), IndexedDataset(val_set)
-    common: dict[str, Any] = {
-        "num_workers": workers,
-        "pin_memory": torch.cuda.is_available(),
-        "persistent_workers": workers > 0,
-    }
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    one = {} if distributed else {"num_replicas": 1, "rank": 0}
+    train_sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True, **one)
+    train_loader = DataLoader(train, batch_size, sampler=train_sampler, drop_last=True, **common)
+    common["persistent_workers"] = workers > 0  # evaluation draws no random numbers
     if distributed:
-        # The engine calls train_loader.sampler.set_epoch(epoch) each epoch.
-        train_sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True)
         val_sampler = DistributedSampler(val, shuffle=False, seed=seed)
-        train_loader = DataLoader(
-            train, batch_size, sampler=train_sampler, drop_last=True, **common
-        )
         val_loader = DataLoader(val, eval_batch_size or batch_size, sampler=val_sampler, **common)
     else:
-        g = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(
-            train, batch_size, shuffle=True, drop_last=True, generator=g, **common
-        )
         val_loader = DataLoader(val, eval_batch_size or batch_size, shuffle=False, **common)
     if len(train_loader) == 0:
         raise DataError(

@@ -344,6 +344,9 @@ def _fit(
             stats["train_top1"] = 100.0 * sums["_correct"] / seen
             stats["lr"] = lr_at(opt_cfg, epoch, len(data.train) - 1, len(data.train)) * lr_scale
             stats["images_per_s"] = seen / max(elapsed, 1e-9)
+            if ctx.enabled:  # each rank's BatchNorm statistics moved on its own last batch
+                for b in distiller.buffers():
+                    torch.distributed.broadcast(b, src=0)
             if (epoch + 1) % recipe.engine.eval_every == 0 or epoch + 1 == last_epoch:
                 test = evaluate(
                     distiller.student,
