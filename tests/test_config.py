@@ -31,7 +31,7 @@ def test_demo_recipe_with_base_inheritance_resolves():
         (_base(optim={"lr": -0.1}), "optim.lr"),
         (_base(optim={"epochs": 0}), "optim.epochs"),
         (_base(student={"model": "resnet9000"}), "valid names"),
-        (_base(loss=[{"kind": "magic"}]), "valid kinds: ce"),
+        (_base(loss=[{"kind": "magic"}]), "valid kinds: at, ce, crd, dkd, fitnet, kd, lskd, norm"),
         (_base(loss=[{"weight": 1}]), "needs 'kind'"),
         (_base(loss=[{"kind": "ce", "weight": -1}]), "loss.0.weight"),
         (_base(loss=[{"kind": "ce"}, {"kind": "ce"}]), "twice"),

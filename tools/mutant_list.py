@@ -537,7 +537,7 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ config.py
     Mutant(
         "config-allow-inf",
-        C,
+        "normkd/schema.py",
         "inf/NaN accepted in float settings",
         'extra="forbid", validate_assignment=True, allow_inf_nan=False',
         'extra="forbid", validate_assignment=True, allow_inf_nan=True',
@@ -545,7 +545,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "config-unknown-keys",
-        C,
+        "normkd/schema.py",
         "unknown recipe keys ignored",
         'extra="forbid", validate_assignment=True, allow_inf_nan=False',
         'extra="ignore", validate_assignment=True, allow_inf_nan=False',

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -25,6 +23,8 @@ from pydantic import (
 )
 
 from normkd.errors import ConfigError
+from normkd.losses import TERMS
+from normkd.schema import Strict
 
 __all__ = [
     "ConfigError",
@@ -35,13 +35,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    # Unknown keys are errors, and no float setting may be inf or NaN (lr=.inf would only fail
-    # later, as a non-finite loss).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class DataCfg(_Strict):
+class DataCfg(Strict):
     """Where the images come from and how they are batched."""
 
     # folder: ROOT/<class>/* images (or ROOT/train/<class>/, ROOT/val/<class>/); external:
@@ -58,7 +52,7 @@ class DataCfg(_Strict):
     split_seed: int = 0
 
 
-class ModelCfg(_Strict):
+class ModelCfg(Strict):
     """A zoo model by name, ``timm:<name>``, ``torchvision:<name>`` or ``external`` (an object
     passed from Python), with optional local weights (never downloaded)."""
 
@@ -90,93 +84,19 @@ class ModelCfg(_Strict):
         return v
 
 
-class _Term(_Strict):
-    weight: NonNegativeFloat = 1.0
+# The loss list is a union of every registered term's config (losses/<term>.py), told apart by
+# ``kind``: a new term file is a new valid kind here, with its own keys and defaults.
+Term = Annotated[Union[tuple(TERMS.values())], Field(discriminator="kind")]  # noqa: UP007
 
 
-class CETerm(_Term):
-    """Cross-entropy with the labels."""
-
-    kind: Literal["ce"] = "ce"
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-
-
-class KDTerm(_Term):
-    """Hinton KD: KL between temperature-softened distributions, times T^2."""
-
-    kind: Literal["kd"] = "kd"
-    temperature: PositiveFloat = 4.0
-
-
-class NormTerm(_Term):
-    """NORM: FT after the student's last conv map, N segments matched to the teacher map."""
-
-    kind: Literal["norm"] = "norm"
-    n: PositiveInt = 8
-    bn: bool = True
-    residual: bool = True
-    reduce: Literal["max", "avg"] = "max"
-    ramp: Literal["none", "cifar", "imagenet"] = "none"
-    # last: the paper (FT after the last conv map). all: also match inner stages, deepest first,
-    # through training-only expand heads (the authors' ImageNet option; see losses/norm.py).
-    stages: Literal["last", "all"] = "last"
-
-
-class FitNetTerm(_Term):
-    """FitNets hint: a student stage through a learned regressor, MSE to the teacher's stage."""
-
-    kind: Literal["fitnet"] = "fitnet"
-    weight: NonNegativeFloat = 100.0  # RepDistiller CIFAR-100: -b 100 with CE weight 1
-    stage: int = 2  # index into TapSpec.stages (RepDistiller --hint_layer 2); negative from end
-    teacher_stage: int | None = None  # default: the same index as the student's
-
-
-class ATTerm(_Term):
-    """Attention transfer over the stage pairs after the stem."""
-
-    kind: Literal["at"] = "at"
-    weight: NonNegativeFloat = 1000.0  # RepDistiller CIFAR-100: -b 1000
-    p: PositiveFloat = 2.0
-
-
-class CRDTerm(_Term):
-    """Contrastive representation distillation with momentum memory banks."""
-
-    kind: Literal["crd"] = "crd"
-    weight: NonNegativeFloat = 0.8  # RepDistiller CIFAR-100: -b 0.8 with CE weight 1
-    feat_dim: PositiveInt = 128
-    nce_k: PositiveInt = 16384  # capped at the training-set size - 1
-    nce_t: PositiveFloat = 0.07
-    nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
-    negatives: Literal["other_classes", "any"] = "other_classes"
-
-
-class DKDTerm(_Term):
-    """Decoupled KD: alpha * TCKD + beta * NCKD, linearly warmed up over ``warmup`` epochs."""
-
-    kind: Literal["dkd"] = "dkd"
-    alpha: NonNegativeFloat = 1.0
-    beta: NonNegativeFloat = 8.0  # mdistiller CIFAR-100 configs use 2, 6 or 8 depending on the pair
-    temperature: PositiveFloat = 4.0
-    warmup: NonNegativeInt = 20  # epochs; 0 disables the warm-up
-
-
-TERM_TYPES = (CETerm, KDTerm, NormTerm, FitNetTerm, ATTerm, CRDTerm, DKDTerm)
-Term = Annotated[
-    CETerm | KDTerm | NormTerm | FitNetTerm | ATTerm | CRDTerm | DKDTerm,
-    Field(discriminator="kind"),
-]
-TEACHER_TERMS = {"kd", "norm", "fitnet", "at", "crd", "dkd"}
-
-
-class LogitStdCfg(_Strict):
+class LogitStdCfg(Strict):
     """The authors' code standardises logits before CE/KL (layer norm over classes, x scale)."""
 
     enabled: bool = False
     scale: PositiveFloat = 2.5
 
 
-class OptimCfg(_Strict):
+class OptimCfg(Strict):
     """SGD and the learning-rate schedule (per-epoch, with optional linear warm-up)."""
 
     epochs: PositiveInt = 240
@@ -203,7 +123,7 @@ class OptimCfg(_Strict):
         return self
 
 
-class EngineCfg(_Strict):
+class EngineCfg(Strict):
     """How the run executes: device, precision, logging, output."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -227,7 +147,7 @@ class EngineCfg(_Strict):
         return v
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """One training job: a teacher (``train``) or a distilled student (``distill``)."""
 
     name: str
@@ -235,7 +155,7 @@ class Recipe(_Strict):
     data: DataCfg = Field(default_factory=DataCfg)
     teacher: ModelCfg | None = None
     student: ModelCfg
-    loss: list[Term] = Field(default_factory=lambda: [CETerm()])
+    loss: list[Term] = Field(default_factory=lambda: [TERMS["ce"]()])
     logit_standardization: LogitStdCfg = Field(default_factory=LogitStdCfg)
     optim: OptimCfg = Field(default_factory=OptimCfg)
     engine: EngineCfg = Field(default_factory=EngineCfg)
@@ -247,7 +167,7 @@ class Recipe(_Strict):
             raise ValueError("loss must list at least one term")
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"loss lists a term kind twice: {kinds}")
-        needs_teacher = sorted(set(kinds) & TEACHER_TERMS)
+        needs_teacher = sorted(t.kind for t in self.loss if t.needs_teacher())
         if self.task == "distill" and self.teacher is None:
             raise ValueError("task 'distill' needs a teacher: {model: NAME, weights: PATH}")
         if self.task == "train" and needs_teacher:
@@ -265,9 +185,9 @@ class Recipe(_Strict):
         return self
 
     @property
-    def norm(self) -> NormTerm | None:
-        """The NORM term, if the recipe uses one (it decides whether FT is attached)."""
-        return next((t for t in self.loss if isinstance(t, NormTerm)), None)
+    def norm(self) -> Any:
+        """The NORM term's settings, if the recipe uses NORM (it decides whether FT is attached)."""
+        return next((t for t in self.loss if t.kind == "norm"), None)
 
     def run_dir(self) -> Path:
         return self.engine.out_dir / (self.engine.run_name or self.name)
@@ -384,8 +304,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(msgs)
 
 
-_KINDS = tuple(t.model_fields["kind"].default for t in TERM_TYPES)  # listed in this order
-_TERM_FIELDS = {t.model_fields["kind"].default: list(t.model_fields) for t in TERM_TYPES}
+_KINDS = tuple(sorted(TERMS))
+_TERM_FIELDS = {kind: list(cls.model_fields) for kind, cls in TERMS.items()}
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -7,45 +7,18 @@ kept out of ``parameters()``/``state_dict()`` so optimisers, DDP and checkpoints
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkd.losses.base import LossTerm, StepState, Taps
-from normkd.models.taps import TapSpec, capture, get_module, get_taps
+from normkd.losses.base import LossTerm, StepState
+from normkd.models.taps import TapSpec, collect_taps, get_taps
 from normkd.norm import FTStudent
 
 
 def standardize_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """The authors' logit standardisation: layer norm over classes (no affine), times ``scale``."""
     return F.layer_norm(logits, logits.shape[-1:], eps=1e-7) * scale
-
-
-@contextlib.contextmanager
-def collect_taps(model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iterator[Taps]:
-    """Hook ``model`` (the plain network) so forwards in the block fill the ``needs`` taps."""
-    taps = Taps()
-    names = ([spec.feat] if "feat" in needs else []) + (
-        list(spec.stages) if "stages" in needs else []
-    )
-    handle = None
-    if "pooled" in needs:
-
-        def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            taps.pooled = args[0]
-
-        handle = get_module(model, spec.classifier).register_forward_pre_hook(grab)
-    try:
-        with capture(model, names) as maps:
-            yield taps
-            taps.feat = maps.get(spec.feat) if "feat" in needs else None
-            taps.stages = [maps[s] for s in spec.stages] if "stages" in needs else []
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 class Distiller(nn.Module):

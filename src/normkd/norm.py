@@ -18,6 +18,7 @@ The whole method, top to bottom:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "max_logit_diff",
     "merge_ft",
     "norm_loss",
+    "spatial_ratio",
 ]
 
 
@@ -119,6 +121,18 @@ class FeatureTransform(nn.Module):
         return a, c
 
 
+def spatial_ratio(a_hw: Sequence[int], b_hw: Sequence[int]) -> tuple[int, int] | None:
+    """The integer (h, w) factor by which the larger of two maps exceeds the smaller one, or
+    None when there is none (a non-integer ratio, or each map larger in one dimension)."""
+    (ha, wa), (hb, wb) = a_hw, b_hw
+    if (ha - hb) * (wa - wb) < 0:
+        return None
+    (bh, bw), (sh, sw) = ((ha, wa), (hb, wb)) if ha >= hb and wa >= wb else ((hb, wb), (ha, wa))
+    if sh == 0 or sw == 0 or bh % sh or bw % sw:
+        return None
+    return bh // sh, bw // sw
+
+
 def _match_spatial(
     student: torch.Tensor, teacher: torch.Tensor, reduce: Literal["max", "avg"]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,22 +140,19 @@ def _match_spatial(
     (hs, ws), (ht, wt) = student.shape[-2:], teacher.shape[-2:]
     if (hs, ws) == (ht, wt):
         return student, teacher
-    pool = F.max_pool2d if reduce == "max" else F.avg_pool2d
-    big_is_teacher = ht >= hs and wt >= ws
-    big_is_student = hs >= ht and ws >= wt
-    if not (big_is_teacher or big_is_student):
+    if (hs - ht) * (ws - wt) < 0:
         raise ValueError(
             f"norm_loss: student map {hs}x{ws} and teacher map {ht}x{wt} are larger in different "
             "dimensions; cannot reduce one to the other"
         )
-    (bh, bw), (sh, sw) = ((ht, wt), (hs, ws)) if big_is_teacher else ((hs, ws), (ht, wt))
-    if bh % sh or bw % sw:
+    kernel = spatial_ratio((hs, ws), (ht, wt))
+    if kernel is None:
         raise ValueError(
             f"norm_loss: teacher map {ht}x{wt} and student map {hs}x{ws} differ by a non-integer "
             "ratio; pooling needs an integer ratio (pick taps of compatible resolution)"
         )
-    kernel = (bh // sh, bw // sw)
-    if big_is_teacher:
+    pool = F.max_pool2d if reduce == "max" else F.avg_pool2d
+    if ht >= hs and wt >= ws:
         return student, pool(teacher, kernel, kernel)
     return pool(student, kernel, kernel), teacher
 

@@ -1,4 +1,4 @@
-"""A real zoo teacher/student pair behind the Distiller, built through the engine's own builder."""
+"""A real zoo teacher/student pair behind the Distiller, built by the engine's own assembler."""
 
 from collections.abc import Callable
 
@@ -6,32 +6,43 @@ import pytest
 import torch
 
 from normkd.config import recipe_from_dict
+from normkd.data.build import Data
 from normkd.distiller import Distiller
-from normkd.engine.build import TermContext, build_models, build_terms, tap_shapes
+from normkd.engine.job import assemble
+from normkd.engine.runtime import Runtime
+from normkd.models import create_model
 
 IN_SHAPE = (3, 8, 8)  # the digits images
 N_TRAIN = 64
 
 
 def _distiller(loss: list[dict]) -> Distiller:
+    """resnet8x4 -> resnet8 (random weights) with ``loss``, through the run assembler."""
     recipe = recipe_from_dict(
         {
             "name": "t",
             "teacher": {"model": "resnet8x4"},
             "student": {"model": "resnet8"},
             "loss": loss,
+            "engine": {"device": "cpu"},
         }
     )
-    student, teacher, _plain = build_models(recipe, 10, IN_SHAPE, allow_untrained=True)
-    example = torch.zeros(2, *IN_SHAPE)
-    ctx = TermContext(
-        student=tap_shapes(student, example),
-        teacher=tap_shapes(teacher, example),
-        dataset_size=N_TRAIN,
+    teacher, student = (
+        create_model("resnet8x4", num_classes=10),
+        create_model("resnet8", num_classes=10),
+    )
+    data = Data(
+        train=None,
+        test=None,
+        num_classes=10,
+        in_shape=IN_SHAPE,
+        train_size=N_TRAIN,
         train_labels=torch.arange(N_TRAIN) % 10,
     )
-    terms, weights = build_terms(recipe, ctx)
-    return Distiller(student, terms, weights, teacher=teacher)
+    job = assemble(
+        recipe, Runtime(torch.device("cpu")), student=student, teacher=teacher, data=data
+    )
+    return job.distiller
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normkd.config import ATTerm
 from normkd.losses import ATLoss, StepState, Taps, at_pair_loss, attention_map
+from normkd.losses.at import ATTerm
 
 
 def _at_by_hand(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:

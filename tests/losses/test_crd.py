@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from normkd.config import CRDTerm
 from normkd.losses import CRDLoss, StepState, Taps, nce_loss
+from normkd.losses.crd import CRDTerm
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from normkd.config import DKDTerm
 from normkd.losses import DKDLoss, StepState, Taps, dkd_parts, kd_loss
+from normkd.losses.dkd import DKDTerm
 
 
 def _softmax(z: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkd.config import FitNetTerm
 from normkd.errors import ConfigError
 from normkd.losses import FitNetLoss, StepState, Taps, hint_regressor
+from normkd.losses.fitnet import FitNetTerm
 
 
 @pytest.mark.parametrize(

@@ -9,18 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from normkd.config import (
-    ATTerm,
-    CETerm,
-    CRDTerm,
-    DKDTerm,
-    FitNetTerm,
-    KDTerm,
-    ModelCfg,
-    NormTerm,
-    Recipe,
-)
-from normkd.distiller import Distiller, collect_taps
+from normkd.config import ModelCfg, Recipe
+from normkd.distiller import Distiller
 from normkd.errors import ConfigError, DataError, UserError
 from normkd.losses import (
     TAP_KINDS,
@@ -34,7 +24,15 @@ from normkd.losses import (
     NORMLoss,
     TapShapes,
 )
+from normkd.losses.at import ATTerm
+from normkd.losses.ce import CETerm
+from normkd.losses.crd import CRDTerm
+from normkd.losses.dkd import DKDTerm
+from normkd.losses.fitnet import FitNetTerm
+from normkd.losses.kd import KDTerm
+from normkd.losses.norm import NormTerm
 from normkd.models import TapSpec, create_model, get_taps
+from normkd.models.taps import collect_taps
 from normkd.norm import FTStudent, attach_ft
 
 

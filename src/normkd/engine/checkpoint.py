@@ -52,6 +52,11 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return stale
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a small text file (config.yaml, data.json, summary.json) whole."""
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Save a training state (tensors and plain data only, so it loads with weights_only)."""
     _atomic(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
@@ -138,6 +143,7 @@ def load_model_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 __all__ = [
+    "atomic_write_text",
     "load_checkpoint",
     "load_file",
     "load_model_file",

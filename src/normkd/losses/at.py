@@ -13,10 +13,13 @@ architectures (e.g. VGG -> MobileNetV2) still pair up.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeFloat, PositiveFloat
 
-from normkd.losses.base import LossTerm, StepState
+from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 
 
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -57,3 +60,17 @@ class ATLoss(LossTerm):
         if not pairs:
             raise RuntimeError("AT needs at least two stages on both student and teacher")
         return torch.stack([at_pair_loss(s, t, self.p) for s, t in pairs]).sum()
+
+
+@register_term
+class ATTerm(TermConfig):
+    """Attention transfer over the stage pairs after the stem."""
+
+    kind: Literal["at"] = "at"
+    weight: NonNegativeFloat = 1000.0  # RepDistiller CIFAR-100: -b 1000
+    p: PositiveFloat = 2.0
+    term: ClassVar[type[LossTerm]] = ATLoss
+    label: ClassVar[str] = "AT"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        return ATLoss(self.p)

@@ -1,49 +1,38 @@
-"""What every loss term sees and declares: the taps of one training step."""
+"""What every loss term declares and sees, and the registry that makes a new term one new file.
+
+A term is two small classes in one file under ``losses/``: the loss itself (a ``LossTerm``
+module that declares the taps it reads) and its recipe entry (a ``TermConfig`` registered with
+``@register_term``, whose fields are the term's settings and whose ``build`` makes the module).
+The recipe's ``loss:`` list, its validation and error messages, the Python API's options and
+whether a run needs a teacher all come from this registry.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from pydantic import NonNegativeFloat
 from torch import nn
 
-# Tap kinds a term may ask for, on the student or the teacher:
-#   logits  - the model's output (standardised when the recipe says so);
-#   feat    - the last conv map (what global pooling reads; the student's is taken before FT);
-#   stages  - the stage maps, shallow to deep;
-#   pooled  - the classifier's input (the student's is taken after FT).
-TAP_KINDS = ("logits", "feat", "stages", "pooled")
+from normkd.models.taps import TAP_KINDS, Taps, TapShapes
+from normkd.schema import Strict
 
-
-@dataclass
-class Taps:
-    """The maps one model produced in this step."""
-
-    logits: torch.Tensor | None = None
-    feat: torch.Tensor | None = None
-    stages: list[torch.Tensor] = field(default_factory=list)
-    pooled: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class TapShapes:
-    """Per-sample tap shapes of one model, so terms can size their own modules at construction."""
-
-    feat: tuple[int, ...]
-    stages: tuple[tuple[int, ...], ...]
-    pooled: tuple[int, ...]
-
-    @classmethod
-    def of(cls, taps: Taps) -> TapShapes:
-        """Shapes of example taps (the batch dimension dropped)."""
-        if taps.feat is None or taps.pooled is None:
-            raise ValueError("TapShapes.of needs taps with feat and pooled collected")
-        return cls(
-            feat=tuple(taps.feat.shape[1:]),
-            stages=tuple(tuple(s.shape[1:]) for s in taps.stages),
-            pooled=tuple(taps.pooled.shape[1:]),
-        )
+__all__ = [
+    "TAP_KINDS",
+    "TERMS",
+    "BuildContext",
+    "LossTerm",
+    "StepState",
+    "TapShapes",
+    "Taps",
+    "TermConfig",
+    "method_kinds",
+    "method_label",
+    "register_term",
+]
 
 
 @dataclass
@@ -72,3 +61,84 @@ class LossTerm(nn.Module):
 
     def forward(self, state: StepState) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a term may need at construction, measured once when the run is assembled."""
+
+    student: TapShapes  # the plain student (FT keeps its channel counts)
+    teacher: TapShapes | None
+    dataset_size: int = 0
+    train_labels: torch.Tensor | None = None
+    epochs: int = 1
+    student_name: str = "student"
+    teacher_name: str = "teacher"
+
+    def pair(self, kind: str) -> tuple[TapShapes, TapShapes]:
+        """Student and teacher shapes for a term that sizes its modules from both."""
+        if self.teacher is None:
+            raise ValueError(f"loss term {kind!r} sizes its modules from the teacher's taps")
+        return self.student, self.teacher
+
+
+class TermConfig(Strict):
+    """A term's entry in a recipe's ``loss:`` list. Subclasses add ``kind: Literal[...]``."""
+
+    weight: NonNegativeFloat = 1.0
+    term: ClassVar[type[LossTerm]] = LossTerm
+    label: ClassVar[str] = ""  # how tables name it (KD, NORM, ...)
+
+    @classmethod
+    def kind_name(cls) -> str:
+        return cls.model_fields["kind"].default
+
+    @classmethod
+    def needs_teacher(cls) -> bool:
+        """Whether the term reads the teacher: its module declares teacher taps."""
+        return bool(cls.term.teacher_taps)
+
+    def build(self, ctx: BuildContext) -> LossTerm:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+TERMS: dict[str, type[TermConfig]] = {}
+
+
+def register_term(cls: type[TermConfig]) -> type[TermConfig]:
+    """Make ``cls`` a valid ``kind`` in recipes (class decorator)."""
+    kind = cls.kind_name()
+    if not kind or kind in TERMS:
+        raise ValueError(f"loss term kind {kind!r} is empty or registered twice")
+    TERMS[kind] = cls
+    return cls
+
+
+def method_kinds(method: str) -> list[str]:
+    """``"norm+kd"`` (also ``norm_kd``, ``"norm kd"``) -> the term kinds it adds to CE, in order.
+
+    ``vanilla`` (or ``ce``) adds none. Raises ValueError naming what is unknown.
+    """
+    tokens = [t for t in re.split(r"[+_ ]+", str(method).strip().lower()) if t]
+    if tokens in (["vanilla"], ["ce"]):
+        return []
+    known = [k for k in TERMS if k != "ce"]
+    bad = [t for t in tokens if t not in known]
+    if not tokens or bad:
+        raise ValueError(
+            f"unknown method {method!r}"
+            + (f" (unknown: {', '.join(bad)})" if bad else "")
+            + f"; use 'vanilla' or terms joined with '+' from {', '.join(known)}"
+        )
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"method {method!r} names a term twice")
+    return tokens
+
+
+def method_label(method: str) -> str:
+    """How tables name a method: ``norm_kd`` -> ``NORM+KD``; names that are no method stay."""
+    try:
+        kinds = method_kinds(method)
+    except ValueError:
+        return method
+    return "+".join(TERMS[k].label for k in kinds) or "vanilla (CE only)"

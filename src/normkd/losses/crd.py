@@ -21,13 +21,16 @@ the term, never part of the deployed student.
 from __future__ import annotations
 
 import math
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
 
-from normkd.losses.base import LossTerm, StepState
+from normkd.errors import ConfigError
+from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 
 EPS = 1e-7
 
@@ -157,3 +160,31 @@ class CRDLoss(LossTerm):
         if self.training:
             self.update_banks(idx, v_s, v_t)
         return loss
+
+
+@register_term
+class CRDTerm(TermConfig):
+    """Contrastive representation distillation with momentum memory banks."""
+
+    kind: Literal["crd"] = "crd"
+    weight: NonNegativeFloat = 0.8  # RepDistiller CIFAR-100: -b 0.8 with CE weight 1
+    feat_dim: PositiveInt = 128
+    nce_k: PositiveInt = 16384  # capped at the training-set size - 1
+    nce_t: PositiveFloat = 0.07
+    nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    negatives: Literal["other_classes", "any"] = "other_classes"
+    term: ClassVar[type[LossTerm]] = CRDLoss
+    label: ClassVar[str] = "CRD"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        s, t = ctx.pair(self.kind)
+        labels = ctx.train_labels if self.negatives == "other_classes" else None
+        if self.negatives == "other_classes" and labels is None:
+            raise ConfigError(
+                "loss crd: negatives 'other_classes' needs the training labels, which this "
+                "data source does not expose; set negatives: any"
+            )
+        return CRDLoss(
+            s.pooled[0], t.pooled[0], ctx.dataset_size, self.feat_dim, self.nce_k, self.nce_t,
+            self.nce_m, labels=labels,
+        )  # fmt: skip

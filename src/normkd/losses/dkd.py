@@ -13,10 +13,13 @@ wrn_40_2->wrn_40_1; 8 (the default) for the resnet32x4, ResNet50 and wrn_40_2->S
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat
 
-from normkd.losses.base import LossTerm, StepState
+from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 
 
 def _binary_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -82,3 +85,19 @@ class DKDLoss(LossTerm):
             state.student.logits, state.teacher.logits, state.y, self.temperature
         )
         return self.alpha * tckd + self.beta * nckd
+
+
+@register_term
+class DKDTerm(TermConfig):
+    """Decoupled KD: alpha * TCKD + beta * NCKD, linearly warmed up over ``warmup`` epochs."""
+
+    kind: Literal["dkd"] = "dkd"
+    alpha: NonNegativeFloat = 1.0
+    beta: NonNegativeFloat = 8.0  # mdistiller CIFAR-100 configs use 2, 6 or 8 depending on the pair
+    temperature: PositiveFloat = 4.0
+    warmup: NonNegativeInt = 20  # epochs; 0 disables the warm-up
+    term: ClassVar[type[LossTerm]] = DKDLoss
+    label: ClassVar[str] = "DKD"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        return DKDLoss(self.alpha, self.beta, self.temperature, self.warmup)

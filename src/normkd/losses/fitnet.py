@@ -9,11 +9,15 @@ The regressor belongs to the term: it is trained with the student and never depl
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeFloat
 from torch import nn
 
-from normkd.losses.base import LossTerm, StepState
+from normkd.errors import ConfigError
+from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 
 
 def hint_regressor(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> nn.Sequential:
@@ -62,3 +66,34 @@ class FitNetLoss(LossTerm):
         f_s = self.regressor(state.student.stages[self.stage])
         f_t = state.teacher.stages[self.teacher_stage].detach()
         return F.mse_loss(f_s, f_t.to(f_s.dtype))
+
+
+@register_term
+class FitNetTerm(TermConfig):
+    """FitNets hint: a student stage through a learned regressor, MSE to the teacher's stage."""
+
+    kind: Literal["fitnet"] = "fitnet"
+    weight: NonNegativeFloat = 100.0  # RepDistiller CIFAR-100: -b 100 with CE weight 1
+    stage: int = 2  # index into TapSpec.stages (RepDistiller --hint_layer 2); negative from end
+    teacher_stage: int | None = None  # default: the same index as the student's
+    term: ClassVar[type[LossTerm]] = FitNetLoss
+    label: ClassVar[str] = "FitNet"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        s, t = ctx.pair(self.kind)
+        ti = self.stage if self.teacher_stage is None else self.teacher_stage
+        s_shape = _stage(s.stages, self.stage, f"stage of student {ctx.student_name}")
+        t_shape = _stage(t.stages, ti, f"teacher_stage of teacher {ctx.teacher_name}")
+        try:
+            return FitNetLoss(s_shape, t_shape, self.stage, ti)
+        except ValueError as err:
+            raise ConfigError(f"loss fitnet: {err}") from None
+
+
+def _stage(stages: tuple[tuple[int, ...], ...], i: int, what: str) -> tuple[int, ...]:
+    n = len(stages)
+    if not -n <= i < n:
+        raise ConfigError(
+            f"loss fitnet: {what}: index {i} is out of range; valid: {-n}..{n - 1} ({n} stages)"
+        )
+    return stages[i]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveFloat
 
-from normkd.losses.base import LossTerm, StepState
+from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 
 
 def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -29,3 +32,16 @@ class KDLoss(LossTerm):
     def forward(self, state: StepState) -> torch.Tensor:
         assert state.teacher is not None
         return kd_loss(state.student.logits, state.teacher.logits, self.temperature)
+
+
+@register_term
+class KDTerm(TermConfig):
+    """Hinton KD: KL between temperature-softened distributions, times T^2."""
+
+    kind: Literal["kd"] = "kd"
+    temperature: PositiveFloat = 4.0
+    term: ClassVar[type[LossTerm]] = KDLoss
+    label: ClassVar[str] = "KD"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        return KDLoss(self.temperature)

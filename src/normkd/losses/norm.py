@@ -9,13 +9,15 @@ inner stage could not be folded exactly into the next (zero-padded) convolution.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import PositiveInt
 from torch import nn
 
-from normkd.losses.base import LossTerm, StepState
-from normkd.norm import norm_loss
+from normkd.errors import ConfigError
+from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
+from normkd.norm import norm_loss, spatial_ratio
 
 # w(epoch) of the authors' training scripts: (end epoch exclusive, weight) pieces.
 RAMPS: dict[str, tuple[tuple[int, float], ...]] = {
@@ -85,3 +87,36 @@ class NORMLoss(LossTerm):
             for head, s_map, t_map in zip(self.heads, s_inner, t_inner):
                 loss = loss + norm_loss(head(s_map), t_map, self.n, reduce=self.reduce)
         return loss
+
+
+@register_term
+class NormTerm(TermConfig):
+    """NORM: FT after the student's last conv map, N segments matched to the teacher map."""
+
+    kind: Literal["norm"] = "norm"
+    n: PositiveInt = 8
+    bn: bool = True
+    residual: bool = True
+    reduce: Literal["max", "avg"] = "max"
+    ramp: Literal["none", "cifar", "imagenet"] = "none"
+    # last: the paper (FT after the last conv map). all: also match inner stages, deepest first,
+    # through training-only expand heads (the authors' ImageNet option, see NORMLoss).
+    stages: Literal["last", "all"] = "last"
+    term: ClassVar[type[LossTerm]] = NORMLoss
+    label: ClassVar[str] = "NORM"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        inner = None
+        if self.stages == "all":
+            s, t = ctx.pair(self.kind)
+            pairs = list(zip(s.stages[-2::-1], t.stages[-2::-1]))
+            for depth, (ss, ts) in enumerate(pairs, start=1):
+                if spatial_ratio(ss[1:], ts[1:]) is None:
+                    raise ConfigError(
+                        f"loss norm: stages 'all': inner stage {depth} (from the end) of student "
+                        f"{ctx.student_name} is {ss[1]}x{ss[2]} and of teacher "
+                        f"{ctx.teacher_name} {ts[1]}x{ts[2]}: no integer size ratio; use "
+                        "stages: last"
+                    )
+            inner = [(ss[0], ts[0]) for ss, ts in pairs]
+        return NORMLoss(self.n, self.reduce, self.ramp, ctx.epochs, inner=inner)

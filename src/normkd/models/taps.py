@@ -11,9 +11,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+
+# Tap kinds a loss term may ask for, on the student or the teacher:
+#   logits  - the model's output (standardised when the recipe says so);
+#   feat    - the last conv map (what global pooling reads; the student's is taken before FT);
+#   stages  - the stage maps, shallow to deep;
+#   pooled  - the classifier's input (the student's is taken after FT).
+TAP_KINDS = ("logits", "feat", "stages", "pooled")
 
 
 @dataclass(frozen=True)
@@ -46,13 +54,6 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError as err:
         raise ValueError(f"{type(model).__name__} has no submodule named {name!r}") from err
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` with ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def get_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapSpec:
@@ -254,3 +255,90 @@ def _recorder(store: dict[str, torch.Tensor], name: str):
         store[name] = out
 
     return hook
+
+
+@dataclass
+class Taps:
+    """The maps one model produced in one forward."""
+
+    logits: torch.Tensor | None = None
+    feat: torch.Tensor | None = None
+    stages: list[torch.Tensor] = field(default_factory=list)
+    pooled: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TapShapes:
+    """Per-sample tap shapes of one model, so terms can size their own modules at construction."""
+
+    feat: tuple[int, ...]
+    stages: tuple[tuple[int, ...], ...]
+    pooled: tuple[int, ...]
+
+    @classmethod
+    def of(cls, taps: Taps) -> TapShapes:
+        """Shapes of example taps (the batch dimension dropped)."""
+        if taps.feat is None or taps.pooled is None:
+            raise ValueError("TapShapes.of needs taps with feat and pooled collected")
+        return cls(
+            feat=tuple(taps.feat.shape[1:]),
+            stages=tuple(tuple(s.shape[1:]) for s in taps.stages),
+            pooled=tuple(taps.pooled.shape[1:]),
+        )
+
+
+@contextlib.contextmanager
+def collect_taps(model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iterator[Taps]:
+    """Hook ``model`` (the plain network) so forwards in the block fill the ``needs`` taps."""
+    taps = Taps()
+    names = ([spec.feat] if "feat" in needs else []) + (
+        list(spec.stages) if "stages" in needs else []
+    )
+    handle = None
+    if "pooled" in needs:
+
+        def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            taps.pooled = args[0]
+
+        handle = get_module(model, spec.classifier).register_forward_pre_hook(grab)
+    try:
+        with capture(model, names) as maps:
+            yield taps
+            taps.feat = maps.get(spec.feat) if "feat" in needs else None
+            taps.stages = [maps[s] for s in spec.stages] if "stages" in needs else []
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Switch ``models`` to eval mode for the block, then back to what each was."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def example_input(model: nn.Module, in_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
+    """A zero batch of ``in_shape`` inputs on the model's device and in its dtype."""
+    param = next(model.parameters(), None)
+    kw: dict[str, Any] = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    return torch.zeros(batch, *in_shape, **kw)
+
+
+@torch.no_grad()
+def probe(model: nn.Module, in_shape: tuple[int, ...]) -> TapShapes:
+    """Find ``model``'s taps on inputs of ``in_shape`` (cached on it) and measure every tap once.
+
+    Raises ValueError when the model is no CNN classifier normkd can read.
+    """
+    example = example_input(model, in_shape)
+    spec = get_taps(model, example)
+    with eval_mode(model), collect_taps(model, spec, frozenset(TAP_KINDS)) as taps:
+        model(example)
+    return TapShapes.of(taps)

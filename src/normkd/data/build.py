@@ -1,0 +1,181 @@
+"""A recipe's ``data`` section -> train/test loaders yielding ``(x, y, idx)`` and what they hold.
+
+Small sets (digits, CIFAR-100) live on the device as uint8 and are augmented per batch
+(:class:`DeviceLoader`); image folders and ImageNet stream through torch DataLoaders. A dry run
+with the real data absent gets random images of the right shape (``Data.fake``) so recipes can be
+checked anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from normkd.config import DataCfg
+from normkd.data.common import Split, fake_split
+from normkd.data.device import Augment, DeviceLoader
+from normkd.errors import ConfigError, DataError
+
+# What each kind's data.root must point at (said when it is missing).
+ROOT_HINTS = {
+    "cifar100": "the folder holding cifar-100-python/ or cifar-100-binary/",
+    "imagenet": "the ImageNet folder holding train/ and val/",
+}
+
+
+@dataclass
+class Data:
+    """Loaders yielding ``(x, y, idx)`` plus what the models and terms need to know of them."""
+
+    train: Any
+    test: Any
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    info: dict[str, Any] = field(default_factory=dict)
+    fake: bool = False
+    train_size: int = 0  # images in the whole training set (a CRD memory bank's rows)
+    train_labels: torch.Tensor | None = None  # their labels in index order, when known
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where the loaders run: device, this process's rank, layout."""
+
+    device: torch.device
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    channels_last: bool = False
+
+
+def build_data(cfg: DataCfg, place: Place, dry_run: bool = False) -> Data:
+    """The loaders of ``cfg``; in a dry run, random images stand in for absent real data."""
+    if cfg.batch_size % place.world_size:
+        raise ConfigError(
+            f"data.batch_size is the global batch ({cfg.batch_size}); it must be divisible by the "
+            f"number of processes ({place.world_size})"
+        )
+    if cfg.kind == "external":
+        raise ConfigError(
+            "data.kind 'external': this run's loaders were passed from Python (normkd.distill), "
+            "so there is no data for the CLI to build; evaluate it from Python, or write a recipe "
+            "with data.kind folder/cifar100/imagenet"
+        )
+    if cfg.kind != "digits" and cfg.root is None:
+        if not dry_run:
+            raise ConfigError(f"data.root: set it to {_root_hint(cfg.kind)}")
+        return _fake(cfg, place)
+    try:
+        if cfg.kind in ("imagenet", "folder"):
+            return _streamed(cfg, place)
+        return _on_device(cfg, place, _split(cfg), _augment(cfg))
+    except DataError:
+        if not dry_run:
+            raise
+        return _fake(cfg, place)
+
+
+def _root_hint(kind: str) -> str:
+    if kind == "folder":
+        from normkd.data.folder import LAYOUT
+
+        return f"your image folder ({LAYOUT})"
+    return ROOT_HINTS[kind]
+
+
+def _split(cfg: DataCfg) -> Split:
+    from normkd.data import load_cifar100, load_digits_split
+
+    if cfg.kind == "cifar100":
+        assert cfg.root is not None
+        return load_cifar100(cfg.root)
+    return load_digits_split(seed=cfg.split_seed, n_train=cfg.n_train)
+
+
+def _augment(cfg: DataCfg) -> Augment | None:
+    """CIFAR's pad-4 crop + flip; digits get a 1-pixel shift and no flip (a flipped 2 is no 2)."""
+    if not cfg.augment:
+        return None
+    return Augment(pad=4, flip=True) if cfg.kind == "cifar100" else Augment(pad=1, flip=False)
+
+
+def _fake(cfg: DataCfg, place: Place) -> Data:
+    """Random images of the kind's shape and class count (dry runs only)."""
+    classes, side = {"imagenet": (1000, 224), "folder": (10, cfg.image_size)}.get(
+        cfg.kind, (100, 32)
+    )
+    split = fake_split(classes, side, cfg.batch_size * 2, cfg.batch_size, place.seed)
+    augment = _augment(cfg) if cfg.kind == "cifar100" else None
+    data = _on_device(cfg, place, split, augment)
+    data.fake = True
+    return data
+
+
+def _on_device(cfg: DataCfg, place: Place, split: Split, augment: Augment | None) -> Data:
+    """Device-resident loaders over a uint8 split; the train loader shards over ranks."""
+    common = {
+        "device": place.device,
+        "mean": split.mean,
+        "std": split.std,
+        "drop_last": False,
+        "seed": place.seed,
+        "channels_last": place.channels_last,
+    }
+    train = DeviceLoader(
+        split.x_train,
+        split.y_train,
+        cfg.batch_size // place.world_size,
+        shuffle=True,
+        augment=augment,
+        rank=place.rank,
+        world_size=place.world_size,
+        **common,
+    )
+    test = DeviceLoader(
+        split.x_test, split.y_test, cfg.eval_batch_size, shuffle=False, augment=None, **common
+    )
+    in_shape = tuple(int(s) for s in split.x_train.shape[1:])
+    return Data(
+        train,
+        test,
+        split.num_classes,
+        in_shape,  # type: ignore[arg-type]
+        dict(split.info),
+        train_size=len(split.x_train),
+        train_labels=split.y_train.cpu(),
+    )
+
+
+def _streamed(cfg: DataCfg, place: Place) -> Data:
+    """DataLoaders over ImageFolder-style trees (ImageNet, or your own folder)."""
+    from normkd.data import folder_loaders, imagenet_loaders
+
+    assert cfg.root is not None
+    common = {
+        "eval_batch_size": cfg.eval_batch_size,
+        "distributed": place.world_size > 1,
+        "seed": place.seed,
+    }
+    batch = cfg.batch_size // place.world_size
+    if cfg.kind == "imagenet":
+        train, test, num_classes = imagenet_loaders(cfg.root, batch, cfg.workers, **common)
+        info: dict[str, Any] = {"source": "imagenet"}
+        size = 224
+    else:
+        train, test, num_classes, info = folder_loaders(
+            cfg.root,
+            batch,
+            cfg.workers,
+            image_size=cfg.image_size,
+            val_fraction=cfg.val_fraction,
+            split_seed=cfg.split_seed,
+            augment=cfg.augment,
+            **common,
+        )
+        size = cfg.image_size
+    dataset = train.dataset  # IndexedDataset over an ImageFolder (or a split of one)
+    targets = getattr(dataset.base, "targets", None)
+    labels = torch.as_tensor(targets) if targets is not None else None
+    return Data(train, test, num_classes, (3, size, size), info, False, len(dataset), labels)

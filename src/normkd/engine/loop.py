@@ -1,0 +1,237 @@
+"""The training loop: epochs of steps, evaluation, logs, checkpoints, and the deployable model.
+
+Every epoch is a pure function of (seed, epoch, state at its start): the data order, augmentation
+and global RNG are re-seeded per epoch and the learning rate is computed, not stepped. So a run
+resumed from ``last.pt`` ends bit-identical (on CPU) to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from normkd.config import Recipe, recipe_to_dict
+from normkd.data.build import Data
+from normkd.engine import deploy, runtime
+from normkd.engine.job import Job, assemble
+from normkd.engine.rundir import Best, RunDir, interrupt_note
+from normkd.engine.step import EpochMeter, evaluate, train_step
+from normkd.norm import FTStudent
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; the message says what is saved and how to continue.
+
+    Checkpoints are only ever replaced whole (temp file + rename), so ``last.pt`` still holds the
+    last completed epoch. Still a KeyboardInterrupt, so Python callers can handle it as usual.
+    """
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written to ``summary.json``, without the model)."""
+
+    run_dir: str
+    epochs: int
+    best_top1: float
+    best_epoch: int
+    final_top1: float
+    final_top5: float
+    params: int
+    seconds: float
+    ft_top1: float | None = None
+    merged_top1: float | None = None
+    merge_max_logit_diff: float | None = None
+    fake_data: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False)  # deployable, once complete
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    stop_after_epoch: int | None = None,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    data: Data | None = None,
+) -> RunResult:
+    """Run ``recipe`` to the end (or to ``stop_after_epoch``), writing its run directory.
+
+    ``student``/``teacher``/``data`` replace what the recipe names (``normkd.distill``). A dry
+    run builds everything, runs one forward on a batch and writes nothing. Under torchrun
+    (WORLD_SIZE > 1) the student trains with DDP and only rank 0 writes.
+    """
+    t0 = time.perf_counter()
+    try:
+        with runtime.start(recipe.engine) as rt:
+            run = RunDir(recipe, resume=resume, overwrite=overwrite, main=rt.is_main)
+            if not dry_run:
+                run.check()
+            job = assemble(recipe, rt, student=student, teacher=teacher, data=data, dry_run=dry_run)
+            if dry_run:
+                return _dry_run(job)
+            run.open(job.data.info)
+            try:
+                return fit(job, run, stop_after_epoch, t0)
+            finally:
+                run.close()
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(interrupt_note(recipe, dry_run)) from None
+
+
+def fit(
+    job: Job, run: RunDir, stop_after_epoch: int | None = None, t0: float | None = None
+) -> RunResult:
+    """Train ``job`` from where ``run`` stands; finish the run when the schedule is complete.
+
+    ``t0``: when the run started (``time.perf_counter()``), so its seconds include the build.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    recipe, rt = job.recipe, job.runtime
+    start, best = _restore(job, run)
+    last = min(stop_after_epoch or recipe.optim.epochs, recipe.optim.epochs)
+    sharded = rt.distributed and not hasattr(job.data.test, "set_epoch")
+    history = run.history
+    test = {"top1": 0.0, "top5": 0.0, "loss": float("nan")}
+    for epoch in range(start, last):
+        stats = train_epoch(job, epoch)
+        if (epoch + 1) % recipe.engine.eval_every == 0 or epoch + 1 == last:
+            test = evaluate(
+                job.student, job.data.test, rt.device, recipe.engine.amp, rt if sharded else None
+            )
+        improved = test["top1"] > best.top1
+        if improved:
+            best = Best(test["top1"], epoch)
+        row = {"epoch": epoch, **stats} | {f"test_{k}": v for k, v in test.items()}
+        row["best_top1"] = best.top1
+        history.append(row)
+        run.save_epoch(row, stats, test, _state(job, epoch, best), improved)
+        if not (recipe.engine.quiet or not rt.is_main):
+            print(
+                f"[{recipe.name}] epoch {epoch + 1}/{recipe.optim.epochs} "
+                f"loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
+                f"test {test['top1']:.2f}% (best {best.top1:.2f}%) "
+                f"{stats['images_per_s']:.0f} img/s",
+                flush=True,
+            )
+    final = history[-1] if history else {}
+    result = RunResult(
+        str(run.path), last, float(best.top1), best.epoch,
+        float(final.get("test_top1", 0.0)), float(final.get("test_top5", 0.0)),
+        _params(job), time.perf_counter() - t0, history=history,
+    )  # fmt: skip
+    if last == recipe.optim.epochs:  # a run stopped early on purpose has no deployable model
+        _finish(job, run, result, sharded)
+    return result
+
+
+def _params(job: Job) -> int:
+    """Parameters of the deployed student: its own architecture, whatever trained beside it."""
+    return sum(p.numel() for p in job.plain.parameters())
+
+
+def train_epoch(job: Job, epoch: int) -> dict[str, float]:
+    """One epoch of steps; returns the means over all ranks (losses, train_top1, lr, img/s)."""
+    recipe, rt = job.recipe, job.runtime
+    torch.manual_seed(recipe.engine.seed * 1_000_003 + epoch)
+    _set_epoch(job.data.train, epoch)
+    job.distiller.train()
+    loader, steps = job.data.train, len(job.data.train)
+    quiet = recipe.engine.quiet or not rt.is_main
+    meter = EpochMeter(list(job.distiller.terms), rt.device)
+    desc = f"{recipe.name} {epoch + 1}/{recipe.optim.epochs}"
+    bar = tqdm(loader, total=steps, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    lr = 0.0
+    for step, (x, y, idx) in enumerate(bar):
+        x, y, idx = (t.to(rt.device, non_blocking=True) for t in (x, y, idx))
+        lr = job.lr(epoch, step, steps)
+        out = train_step(job, x, y, idx, epoch, lr)
+        meter.add(step, out, y)
+        if not quiet and (step % 10 == 0 or step == steps - 1):  # the bar syncs anyway
+            meter.check(epoch)
+            bar.set_postfix(loss=f"{float(out.total):.3f}", lr=f"{lr:.3g}")
+    meter.check(epoch)
+    seconds = time.perf_counter() - t0
+    sums = rt.sum(meter.totals())
+    seen = max(sums.pop("seen"), 1.0)
+    correct = sums.pop("correct")
+    stats = {k: v / seen for k, v in sums.items()}
+    return stats | {"train_top1": 100.0 * correct / seen, "lr": lr, "images_per_s": seen / seconds}
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Device loaders and DistributedSampler-backed DataLoaders both reshuffle per epoch."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def _restore(job: Job, run: RunDir) -> tuple[int, Best]:
+    """(first epoch to train, best so far): from the checkpoint a resume continues, or fresh."""
+    state = run.state
+    if state is None:
+        return 0, Best()
+    job.distiller.load_state_dict(state["distiller"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        job.runtime.scaler.load_state_dict(state["scaler"])
+    return state["epoch"], Best(state["best_top1"], state["best_epoch"])
+
+
+def _state(job: Job, epoch: int, best: Best) -> dict[str, Any]:
+    """The training state after ``epoch``: what last.pt / best.pt hold."""
+    return {
+        "epoch": epoch + 1,
+        "distiller": job.distiller.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "scaler": job.runtime.scaler.state_dict(),
+        "best_top1": best.top1,
+        "best_epoch": best.epoch,
+        "recipe": recipe_to_dict(job.recipe),
+    }
+
+
+def _finish(job: Job, run: RunDir, result: RunResult, sharded: bool) -> None:
+    """Merge FT (checked on a test batch), save model.safetensors and summary.json."""
+    rt, model = job.runtime, job.student
+    if isinstance(model, FTStudent):
+        x = next(iter(job.data.test))[0].to(rt.device)
+        model, result.merge_max_logit_diff = deploy.merge_checked(model, x)
+        result.ft_top1 = result.final_top1
+        ranks = rt if sharded else None
+        result.merged_top1 = evaluate(model, job.data.test, rt.device, ranks=ranks)["top1"]
+    result.model = model
+    meta = deploy.model_meta(
+        job.recipe, job.plain, job.data.num_classes, isinstance(job.student, FTStudent)
+    )
+    summary = {f.name: getattr(result, f.name) for f in fields(result)}
+    del summary["history"], summary["model"]
+    run.finish(model, meta, summary)
+    rt.barrier()
+
+
+def _dry_run(job: Job) -> RunResult:
+    """One forward of the distiller on a training batch; nothing is written."""
+    x, y, idx = next(iter(job.data.train))
+    job.distiller.train()
+    logits, losses = job.distiller(x, y, idx, 0)
+    if job.runtime.is_main:
+        note = " (FAKE data: the real folder is absent)" if job.data.fake else ""
+        n_params = _params(job)
+        print(
+            f"dry run ok{note}: {job.recipe.name}: student {job.recipe.student.model} "
+            f"({n_params:,} params), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
+            f"losses {', '.join(f'{k}={float(v.detach()):.4f}' for k, v in losses.items())}"
+        )
+    run_dir = str(job.recipe.run_dir())
+    return RunResult(run_dir, 0, 0.0, -1, 0.0, 0.0, _params(job), 0.0, fake_data=job.data.fake)

@@ -1,0 +1,190 @@
+"""The run directory: what a run writes, how it is resumed, and what an interruption leaves.
+
+``RUN_DIR = engine.out_dir / (engine.run_name or name)`` holds config.yaml (the resolved recipe),
+data.json, metrics.csv, TensorBoard events under tb/, last.pt / best.pt (training states) and,
+once the schedule is complete, model.safetensors and summary.json. Every file is replaced whole
+(temp file + rename), so a killed process leaves the previous version, never a torn one. Only
+the main process (rank 0) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from torch import nn
+
+from normkd.config import Recipe, recipe_from_dict, recipe_to_dict
+from normkd.engine.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temps,
+    save_checkpoint,
+    save_model,
+)
+from normkd.engine.logs import MetricsCSV, TensorBoard
+from normkd.errors import UserError
+
+RUN_FILES = (
+    "config.yaml",
+    "metrics.csv",
+    "last.pt",
+    "best.pt",
+    "model.safetensors",
+    "summary.json",
+)
+# Engine settings that may change between a run and its resume (where it prints or is written).
+RESUMABLE = ("quiet", "out_dir", "run_name")
+
+
+class RunExistsError(UserError):
+    """The run directory already holds another run."""
+
+
+@dataclass
+class Best:
+    """The best test top-1 so far and its epoch (-1: none yet)."""
+
+    top1: float = -1.0
+    epoch: int = -1
+
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    d = json.loads(json.dumps(d))
+    for k in RESUMABLE:
+        d.get("engine", {}).pop(k, None)
+    return d
+
+
+class RunDir:
+    """One run's folder. ``check`` before building anything, ``open`` once the job is built."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool, overwrite: bool, main: bool = True):
+        self.recipe = recipe
+        self.path = recipe.run_dir()
+        self.resume = resume
+        self.overwrite = overwrite
+        self.main = main
+        self.state: dict[str, Any] | None = None  # the checkpoint a resume continues from
+        self.csv: MetricsCSV | None = None
+        self.tb: TensorBoard | None = None
+
+    def check(self) -> None:
+        """Refuse what cannot go on: a resume without a checkpoint or with another recipe, or an
+        existing run without --overwrite. Reads, never writes."""
+        if not self.resume:
+            existing = self._existing()
+            if existing and not self.overwrite:
+                raise RunExistsError(
+                    f"run directory {self.path} already holds a run ({', '.join(existing)}); "
+                    "pass --resume to continue it or --overwrite to replace it"
+                )
+            return
+        last = self.path / "last.pt"
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint {last} to resume from")
+        self.state = load_checkpoint(last)
+        saved = recipe_from_dict(self.state["recipe"], f"{last}")
+        if _comparable(recipe_to_dict(saved)) != _comparable(recipe_to_dict(self.recipe)):
+            raise UserError(
+                f"--resume: the recipe differs from the one {self.path} was started with; "
+                "resume with the same recipe (see its config.yaml)"
+            )
+
+    def _existing(self) -> list[str]:
+        return [f for f in RUN_FILES if (self.path / f).exists()]
+
+    def open(self, data_info: dict[str, Any]) -> None:
+        """Clear a run being replaced, write config.yaml and data.json, open the logs."""
+        start = self.state["epoch"] if self.state is not None else 0
+        if self.main:
+            if not self.resume:
+                self._clear()
+            remove_stale_temps(self.path)  # partial writes of a killed earlier process
+            config = yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False)
+            atomic_write_text(self.path / "config.yaml", config)
+            atomic_write_text(self.path / "data.json", json.dumps(data_info, default=str))
+            self.csv = MetricsCSV(self.path / "metrics.csv", keep_below_epoch=start)
+            self.tb = TensorBoard(self.path / "tb", purge_step=start)
+
+    def _clear(self) -> None:
+        for f in self._existing():
+            (self.path / f).unlink()
+        if (self.path / "tb").is_dir():
+            shutil.rmtree(self.path / "tb")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to run directory {self.path}: {err.strerror}") from err
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """metrics.csv rows kept from before a resume (numbers again, not CSV strings)."""
+        rows = self.csv.rows if self.csv is not None else []
+        return [{k: _num(v) for k, v in r.items()} | {"epoch": int(r["epoch"])} for r in rows]
+
+    def save_epoch(
+        self,
+        row: dict[str, Any],
+        stats: dict[str, float],
+        test: dict[str, float],
+        state: dict[str, Any],
+        best_now: bool,
+    ) -> None:
+        """Log one epoch and checkpoint it: last.pt always, best.pt when the best improved."""
+        if not self.main:
+            return
+        assert self.csv is not None and self.tb is not None
+        self.csv.append(row)
+        scalars = {f"train/{k}": v for k, v in stats.items()}
+        self.tb.scalars(scalars | {f"test/{k}": v for k, v in test.items()}, row["epoch"])
+        save_checkpoint(self.path / "last.pt", state)
+        if best_now:
+            save_checkpoint(self.path / "best.pt", state)
+
+    def finish(self, model: nn.Module, meta: dict[str, Any], summary: dict[str, Any]) -> None:
+        """The deployable model and summary.json, written once the schedule is complete."""
+        if self.main:
+            save_model(self.path / "model.safetensors", model, meta)
+            atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _num(v: Any) -> Any:
+    """CSV cells (strings after a resume) back to numbers."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def interrupt_note(recipe: Recipe, dry_run: bool) -> str:
+    """One line for an interrupted run: what ``last.pt`` holds and the flag that continues it."""
+    run_dir = recipe.run_dir()
+    last = run_dir / "last.pt"
+    if dry_run:
+        return "interrupted during a dry run; nothing was written"
+    if last.is_file():
+        try:
+            epoch = load_checkpoint(last)["epoch"]
+        except (UserError, KeyboardInterrupt):
+            epoch = "?"
+        return (
+            f"interrupted; {last} holds epoch {epoch}/{recipe.optim.epochs} (the last completed "
+            "one): run its recipe again with --resume to continue from there"
+        )
+    if (run_dir / "config.yaml").is_file():
+        return (
+            f"interrupted before the first epoch of {run_dir} finished; nothing to resume: "
+            "run its recipe again with --overwrite to start again"
+        )
+    return "interrupted before the run started; nothing was written"
