@@ -52,14 +52,32 @@ class Outcome:
     seconds: float
 
 
-def _key(m: Mutant) -> str:
-    text = (SRC / m.file).read_text()
+# What a run copies: the tests run in the copy, so editing the checkout meanwhile is harmless.
+SNAPSHOT = ("src", "tests", "benchmarks", "examples", "tools", "configs", "pyproject.toml")
+
+
+def snapshot(dest: Path) -> Path:
+    """Copy what the suite needs into ``dest``; returns the copy's root."""
+    for name in SNAPSHOT:
+        src = REPO / name
+        if src.is_symlink():
+            (dest / name).symlink_to(os.readlink(src))
+        elif src.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def _key(m: Mutant, root: Path = REPO) -> str:
+    text = (root / "src" / m.file).read_text()
     return hashlib.sha1(f"{m.name}\0{m.old}\0{m.new}\0{text}".encode()).hexdigest()
 
 
-def _apply(m: Mutant, copy_src: Path) -> str | None:
+def _apply(m: Mutant, copy_src: Path, original_src: Path = SRC) -> str | None:
     """Write the mutated file into the copy; returns an error text when the mutant is stale."""
-    original = (SRC / m.file).read_text()
+    original = (original_src / m.file).read_text()
     count = original.count(m.old)
     if count != 1:
         return f"its text occurs {count} times in {m.file} (expected exactly once)"
@@ -80,10 +98,11 @@ def _first_failure(output: str) -> str:
     return "(a test failed; see the pytest output)"
 
 
-def run_one(m: Mutant, copy_src: Path, quick: bool, timeout: float) -> Outcome:
-    """Mutate the copy, run the tests (the mutant's own files first), restore the copy."""
+def run_one(m: Mutant, root: Path, pristine: Path, quick: bool, timeout: float) -> Outcome:
+    """Mutate the copy at ``root``, run its tests (the mutant's own files first), restore it."""
     t0 = time.perf_counter()
-    err = _apply(m, copy_src)
+    copy_src = root / "src"
+    err = _apply(m, copy_src, pristine)
     if err is not None:
         return Outcome(m.name, "error", err, 0.0)
     tests = list(m.tests) + ([] if quick else ["tests"])
@@ -91,7 +110,7 @@ def run_one(m: Mutant, copy_src: Path, quick: bool, timeout: float) -> Outcome:
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     try:
         proc = subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+            cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
         )
         if proc.returncode == 0:
             status, by = "survived", ""
@@ -102,7 +121,7 @@ def run_one(m: Mutant, copy_src: Path, quick: bool, timeout: float) -> Outcome:
     except subprocess.TimeoutExpired:
         status, by = "timeout", f"no result within {timeout:.0f} s (counted as killed: a hang)"
     finally:
-        shutil.copy2(SRC / m.file, copy_src / m.file)
+        shutil.copy2(pristine / m.file, copy_src / m.file)
     return Outcome(m.name, status, by, time.perf_counter() - t0)
 
 
@@ -207,14 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="normkd-mutants-") as tmp:
-        copy_src = Path(tmp) / "src"
-        shutil.copytree(SRC, copy_src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        _check_copy(copy_src)
+        (Path(tmp) / "tree").mkdir()
+        root = snapshot(Path(tmp) / "tree")
+        pristine = Path(tmp) / "pristine"
+        shutil.copytree(root / "src", pristine)
+        _check_copy(root / "src")
         for i, m in enumerate(chosen, 1):
-            key = _key(m) + ("q" if args.quick else "")
+            key = _key(m, root) + ("q" if args.quick else "")
             row = cache.get(key)
             if row is None:
-                o = run_one(m, copy_src, args.quick, args.timeout)
+                o = run_one(m, root, pristine, args.quick, args.timeout)
                 with open(CACHE, "a") as fh:
                     fh.write(json.dumps({"key": key, **o.__dict__}) + "\n")
             else:
