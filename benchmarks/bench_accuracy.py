@@ -36,15 +36,9 @@ from common import (
     write_report,
 )
 
+from normkd.losses import method_label
+
 METHODS = ["vanilla", "kd", "norm", "norm_kd", "dkd", "norm_dkd"]
-LABELS = {
-    "vanilla": "vanilla (CE only)",
-    "kd": "KD",
-    "norm": "NORM",
-    "norm_kd": "NORM+KD",
-    "dkd": "DKD",
-    "norm_dkd": "NORM+DKD",
-}
 # (method, reference, minimum paired gain in points): the issue's targets for NORM+KD.
 TARGETS = [("norm_kd", "kd", 1.5), ("norm_kd", "vanilla", 4.0)]
 
@@ -67,8 +61,7 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train the teacher, every method x seed, then write accuracy.md/.png/.json."""
     args = parse_args(__doc__.split("\n\n")[0], argv, _extra)
-    from normkd.config import load_recipe
-    from normkd.engine import fit
+    from normkd.sweep import run_sweep
 
     device = resolve_device(args.device)
     n_seeds = args.seeds or (2 if args.quick else 5)
@@ -82,30 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="normkd-bench-acc-") as tmp:
         common = [f"engine.out_dir={tmp}", "engine.quiet=true", f"engine.device={device}"]
         quick = ["optim.epochs=1", "optim.warmup_epochs=0"] if args.quick else []
-        t_recipe = load_recipe(CONFIGS / "demo" / "teacher.yaml", [*common, *quick])
-        print(f"[accuracy] teacher {t_recipe.student.model} on {device} ...", flush=True)
-        teacher = fit(t_recipe, overwrite=True)
-        t_file = Path(teacher.run_dir) / "model.safetensors"
-        print(f"[accuracy] teacher top-1 {teacher.final_top1:.2f}% ({teacher.seconds:.1f} s)")
-
-        runs: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
-        budgets: dict[str, tuple[Any, ...]] = {}
-        students: set[str] = set()
-        for seed in range(n_seeds):
-            for m in methods:
-                over = [*common, *quick, f"engine.seed={seed}", f"engine.run_name={m}_s{seed}"]
-                recipe = load_recipe(CONFIGS / "demo" / f"{m}.yaml", over)
-                if recipe.teacher is not None:
-                    recipe.teacher.weights = t_file
-                budgets[m] = _budget(recipe)
-                students.add(recipe.student.model)
-                r = fit(recipe, overwrite=True)
-                runs[m].append({"final": r.final_top1, "best": r.best_top1, "seconds": r.seconds})
-                print(
-                    f"[accuracy] seed {seed} {LABELS.get(m, m)}: final {r.final_top1:.2f}% "
-                    f"best {r.best_top1:.2f}% ({r.seconds:.1f} s)",
-                    flush=True,
-                )
+        sweep = run_sweep(CONFIGS / "demo", methods, n_seeds, [*common, *quick], "accuracy")
+    teacher, t_recipe = sweep.teacher, sweep.teacher_recipe
+    runs = {
+        m: [{"final": r.final_top1, "best": r.best_top1, "seconds": r.seconds} for r in rs]
+        for m, rs in sweep.runs.items()
+    }
+    budgets = {m: _budget(r) for m, r in sweep.recipes.items()}
+    students = {r.student.model for r in sweep.recipes.values()}
     wall = time.perf_counter() - t0
     env = env_line(device)
     load_s = f"{load0:.2f}" if load0 is not None else "?"
@@ -119,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             delta = "—"
         rows.append(
             [
-                LABELS.get(m, m),
+                method_label(m),
                 mean_std(final[m]),
                 mean_std([r["best"] for r in runs[m]]),
                 delta,
@@ -148,14 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdicts[f"{m}-{ref}"] = ok
             target_rows.append(
                 [
-                    f"{LABELS[m]} - {LABELS[ref]} ≥ {gain} points",
+                    f"{method_label(m)} - {method_label(ref)} ≥ {gain} points",
                     mean_std(d),
                     f"{sum(x >= gain for x in d)}/{len(d)}",
                     met(ok),
                 ]
             )
         else:
-            target_rows.append([f"{LABELS[m]} - {LABELS[ref]} ≥ {gain} points", "not run", "", ""])
+            target_rows.append(
+                [f"{method_label(m)} - {method_label(ref)} ≥ {gain} points", "not run", "", ""]
+            )
     targets = md_table(
         ["target (paired, final top-1)", "measured (mean ± std)", "seeds meeting it", "verdict"],
         target_rows,
@@ -235,7 +214,7 @@ def _plot(final: dict[str, list[float]], out: Path, env: str) -> None:
     ax1.bar(xs, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.7)
     for i, m in enumerate(methods):
         ax1.plot([i] * len(final[m]), final[m], "k.", ms=4)
-    ax1.set_xticks(list(xs), [LABELS.get(m, m) for m in methods], rotation=20)
+    ax1.set_xticks(list(xs), [method_label(m) for m in methods], rotation=20)
     lo = min(min(v) for v in final.values())
     ax1.set_ylim(max(0.0, lo - 2), 100)
     ax1.set_ylabel("final test top-1 (%)")
@@ -244,7 +223,7 @@ def _plot(final: dict[str, list[float]], out: Path, env: str) -> None:
         others = [m for m in methods if m != "vanilla"]
         diffs = [_paired(final[m], final["vanilla"]) for m in others]
         ax2.boxplot(diffs)
-        ax2.set_xticks(range(1, len(others) + 1), [LABELS.get(m, m) for m in others], rotation=20)
+        ax2.set_xticks(range(1, len(others) + 1), [method_label(m) for m in others], rotation=20)
         ax2.axhline(0, color="0.5", lw=0.8)
         ax2.axhline(4.0, color="tab:red", ls="--", lw=0.8, label="target NORM+KD: +4")
         ax2.set_ylabel("paired Δ vs vanilla (points)")

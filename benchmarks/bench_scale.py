@@ -47,30 +47,23 @@ def _extra(p: argparse.ArgumentParser) -> None:
 def make_step(
     recipe_file: Path, n: int | None, batch: int, device: torch.device
 ) -> Callable[[], int]:
-    """One training step (Distiller forward, finite check, SGD) on a fixed on-device batch."""
+    """The trainer's own step (normkd.engine.train_step) on a fixed on-device batch."""
     from normkd.config import load_recipe
-    from normkd.engine.build import build_distiller, build_models, build_optimizer
+    from normkd.data.build import Data
+    from normkd.engine import Runtime, assemble, train_step
 
-    torch.manual_seed(0)
-    recipe = load_recipe(recipe_file, ["teacher.weights=null"])
-    if n is not None:
-        assert recipe.norm is not None
-        recipe.norm.n = n
-    student, teacher, _ = build_models(recipe, 100, (3, 32, 32), allow_untrained=True)
-    distiller = build_distiller(recipe, student, teacher).to(device).train()
-    opt = build_optimizer(recipe, distiller)
+    over = ["teacher.weights=null"] + ([f"loss.2.n={n}"] if n is not None else [])
+    recipe = load_recipe(recipe_file, over)
+    assert n is None or (recipe.norm is not None and recipe.norm.n == n)
+    job = assemble(recipe, Runtime(device), data=Data(None, None, 100, (3, 32, 32)), dry_run=True)
+    job.distiller.train()
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     idx = torch.arange(batch, device=device)
+    lr = job.lr(0, 0, 1)
 
     def step() -> int:
-        _logits, losses = distiller(x, y, idx, 0)
-        total = sum(losses.values())
-        if not torch.isfinite(total.detach()).item():
-            raise RuntimeError("non-finite loss in the benchmark step")
-        opt.zero_grad(set_to_none=True)
-        total.backward()  # type: ignore[union-attr]
-        opt.step()
+        train_step(job, x, y, idx, 0, lr)
         return batch
 
     return step

@@ -125,32 +125,25 @@ def make_pairs(quick: bool) -> list[Pair]:
     return [cifar, digits]
 
 
-def build(recipe_path: Path, pair: Pair, device: torch.device) -> tuple[Any, nn.Module, Any]:
-    """(recipe, Distiller, SGD) built by the engine's own builders, with a random teacher."""
+def build(recipe_path: Path, pair: Pair, device: torch.device) -> Any:
+    """The engine's own Job for the pair's recipe (random teacher): what ``normkd distill`` runs."""
     from normkd.config import load_recipe
-    from normkd.engine.build import build_distiller, build_models, build_optimizer
+    from normkd.data.build import Data
+    from normkd.engine import Runtime, assemble
 
     recipe = load_recipe(recipe_path, ["teacher.weights=null"])
     in_shape = (pair.x_hwc.shape[3], pair.x_hwc.shape[1], pair.x_hwc.shape[2])
-    student, teacher, _plain = build_models(
-        recipe, pair.num_classes, in_shape, allow_untrained=True
-    )
-    distiller = build_distiller(recipe, student, teacher).to(device).train()
-    opt = build_optimizer(recipe, distiller)
-    return recipe, distiller, opt
+    data = Data(None, None, pair.num_classes, in_shape, train_size=len(pair.y))
+    job = assemble(recipe, Runtime(device), data=data, dry_run=True)
+    job.distiller.train()
+    return job
 
 
-def distiller_step(
-    distiller: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, idx: Any
-) -> None:
-    """What normkd's trainer does per step: distiller forward, sum, finite check, SGD step."""
-    _logits, losses = distiller(x, y, idx, 0)
-    total = sum(losses.values())
-    if not torch.isfinite(total.detach()).item():
-        raise RuntimeError("non-finite loss in the benchmark step")
-    opt.zero_grad(set_to_none=True)
-    total.backward()  # type: ignore[union-attr]
-    opt.step()
+def distiller_step(job: Any, x: torch.Tensor, y: torch.Tensor, idx: Any) -> None:
+    """The trainer's own step (normkd.engine.train_step: lr, autocast, forward, backward, SGD)."""
+    from normkd.engine import train_step
+
+    train_step(job, x, y, idx, 0, job.lr(0, 0, 1))
 
 
 class CIFARStyle(Dataset):
@@ -232,8 +225,8 @@ def bench_pair(
     from normkd.data import Augment, DeviceLoader
 
     torch.manual_seed(0)
-    recipe, distiller, opt = build(pair.norm_kd, pair, device)
-    _kd_recipe, kd_distiller, kd_opt = build(pair.kd, pair, device)
+    job = build(pair.norm_kd, pair, device)
+    kd_job = build(pair.kd, pair, device)
 
     x_nchw = torch.from_numpy(pair.x_hwc).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(pair.y)
@@ -258,7 +251,7 @@ def bench_pair(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    classic_step = ClassicStep(recipe, distiller)
+    classic_step = ClassicStep(job.recipe, job.distiller)
 
     fixed = DeviceLoader(x_nchw, y, batch, drop_last=True, augment=None, **common)
     ready = [b for _, b in zip(range(4), fixed)]  # on the device, normalised, no augmentation
@@ -271,7 +264,7 @@ def bench_pair(
         n = 0
         for _ in range(steps):
             xb, yb, ib = next(s_device)
-            distiller_step(distiller, opt, xb, yb, ib)
+            distiller_step(job, xb, yb, ib)
             n += len(yb)
         return n
 
@@ -283,12 +276,12 @@ def bench_pair(
             n += len(yb)
         return n
 
-    def run_ready(stream: Iterator[Any], d: nn.Module, o: Any) -> Callable[[], int]:
+    def run_ready(stream: Iterator[Any], j: Any) -> Callable[[], int]:
         def run() -> int:
             n = 0
             for _ in range(steps):
                 xb, yb, ib = next(stream)
-                distiller_step(d, o, xb, yb, ib)
+                distiller_step(j, xb, yb, ib)
                 n += len(yb)
             return n
 
@@ -297,8 +290,8 @@ def bench_pair(
     fns = {
         "normkd": run_normkd,
         "classic": run_classic,
-        "ceiling": run_ready(s_ready, distiller, opt),
-        "kd_only": run_ready(s_ready_kd, kd_distiller, kd_opt),
+        "ceiling": run_ready(s_ready, job),
+        "kd_only": run_ready(s_ready_kd, kd_job),
     }
     rates = interleaved(fns, device, warmup, repeats, rate=True)
 
@@ -315,19 +308,19 @@ def bench_pair(
     data_fns = {"normkd_data": drain(s_device), "classic_data": drain(s_classic)}
     rates |= interleaved(data_fns, device, warmup, repeats, rate=True)
     flops = {
-        "norm_kd": step_flops(distiller, opt, ready[0]),
-        "kd_only": step_flops(kd_distiller, kd_opt, ready[0]),
+        "norm_kd": step_flops(job, ready[0]),
+        "kd_only": step_flops(kd_job, ready[0]),
     }
     return rates, flops
 
 
-def step_flops(distiller: nn.Module, opt: Any, batch: tuple[torch.Tensor, ...]) -> int:
+def step_flops(job: Any, batch: tuple[torch.Tensor, ...]) -> int:
     """FLOPs of one whole step, forward and backward (FlopCounterMode: convs and matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        distiller_step(distiller, opt, *batch)
+        distiller_step(job, *batch)
     return int(counter.get_total_flops())
 
 

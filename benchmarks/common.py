@@ -40,7 +40,7 @@ def parse_args(
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present (the engine's rule, reused so both agree)."""
-    from normkd.engine.build import resolve_device as engine_resolve
+    from normkd.engine.runtime import resolve_device as engine_resolve
 
     return engine_resolve(name)
 

@@ -66,3 +66,23 @@ def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100, seed: int 
         (folder / name).write_bytes(pickle.dumps(d, protocol=2))
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x"] * 100}, protocol=2))
     return Path(root)
+
+
+def recipe_data(recipe, dry_run: bool = False):
+    """The loaders of a recipe's ``data`` section, on CPU (what a run trains and tests on)."""
+    import torch
+
+    from normkd.data.build import Place, build_data
+
+    return build_data(recipe.data, Place(torch.device("cpu"), recipe.engine.seed), dry_run=dry_run)
+
+
+def build_job(recipe, untrained_teacher: bool = False, data=None):
+    """The engine's Job for ``recipe`` on CPU, exactly as a run assembles it. With
+    ``untrained_teacher`` it is built as for a dry run (a random teacher is fine)."""
+    import torch
+
+    from normkd.engine import Runtime, assemble
+
+    runtime = Runtime(torch.device("cpu"))
+    return assemble(recipe, runtime, data=data, dry_run=untrained_teacher)

@@ -13,6 +13,7 @@ from normkd.api import method_loss
 from normkd.cli import main
 from normkd.engine.checkpoint import load_checkpoint
 from normkd.errors import UserError
+from normkd.losses import TERMS
 from normkd.models import create_model
 from normkd.norm import attach_ft
 
@@ -225,7 +226,8 @@ def test_method_strings_map_to_loss_terms():
     assert kinds["vanilla"] == ["ce"]
     assert kinds["norm+kd"] == ["ce", "norm", "kd"] or kinds["norm+kd"] == ["ce", "kd", "norm"]
     assert kinds["norm+crd"][0] == "ce" and set(kinds["norm+crd"]) == {"ce", "norm", "crd"}
-    norm = method_loss("norm", {"n": 4, "norm_weight": 2.0}, 10)[1]
-    assert norm == {"kind": "norm", "weight": 2.0, "n": 4, "ramp": "none"}
+    # The options set reach the term; what is not set keeps the term's own default.
+    norm = TERMS["norm"](**method_loss("norm", {"n": 4, "norm_weight": 2.0}, 10)[1])
+    assert (norm.kind, norm.weight, norm.n, norm.ramp) == ("norm", 2.0, 4, "none")
     dkd = method_loss("norm_dkd", {}, 240)[2]
     assert dkd["kind"] == "dkd" and dkd["warmup"] == 20

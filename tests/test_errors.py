@@ -15,10 +15,12 @@ import torch
 
 from normkd.cli import main
 from normkd.config import load_recipe, recipe_from_dict
-from normkd.engine import fit
+from normkd.data.build import Data
+from normkd.engine import run_recipe
 from normkd.engine.checkpoint import load_checkpoint, save_checkpoint, save_model
 from normkd.errors import ConfigError, UserError
 from normkd.models import create_model
+from support import build_job
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 TEACHER = str(DEMO / "teacher.yaml")  # task: train, no teacher needed
@@ -308,7 +310,7 @@ RUN_SETS = [*FAST, "optim.epochs=3", "engine.quiet=true"]
 def stopped_run(tmp_path_factory) -> Path:
     """A run directory whose last.pt holds epoch 1 of 3 (as after a stop)."""
     out = tmp_path_factory.mktemp("stopped")
-    fit(load_recipe(TEACHER, [*RUN_SETS, f"engine.out_dir={out}"]), stop_after_epoch=1)
+    run_recipe(load_recipe(TEACHER, [*RUN_SETS, f"engine.out_dir={out}"]), stop_after_epoch=1)
     return out / "demo_teacher"
 
 
@@ -370,8 +372,6 @@ def test_non_finite_loss_names_the_term_and_keeps_the_last_good_checkpoint(
 
 
 def test_norm_with_a_non_integer_map_ratio_is_a_config_error():
-    from normkd.engine.build import build_models
-
     # On 12x12 inputs resnet8's last map is 3x3 and ShuffleV1's 2x2: no integer pooling ratio.
     recipe = recipe_from_dict(
         {
@@ -382,7 +382,7 @@ def test_norm_with_a_non_integer_map_ratio_is_a_config_error():
         }
     )
     with pytest.raises(ConfigError) as info:
-        build_models(recipe, 10, (3, 12, 12), allow_untrained=True)
+        build_job(recipe, untrained_teacher=True, data=Data(None, None, 10, (3, 12, 12)))
     assert str(info.value) == (
         "teacher resnet8 last map is 3x3 and student ShuffleV1 last map is 2x2 for 12x12 "
         "inputs: NORM needs an integer size ratio"

@@ -28,6 +28,7 @@ from normkd.engine.checkpoint import load_checkpoint
 from normkd.losses import dkd_parts, kd_loss, ramp_weight
 from normkd.models import capture, create_model, get_taps
 from normkd.norm import norm_loss
+from support import build_job
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -38,15 +39,9 @@ def build_from_recipe(recipe: Recipe) -> tuple[Distiller, Batch]:
     The only place this file touches the engine's build steps: a redesign changes this function.
     The teacher may be untrained (these are wiring checks, not accuracy checks).
     """
-    from normkd.engine.build import build_data, build_distiller, build_models
-
-    data = build_data(recipe, torch.device("cpu"))
-    student, teacher, _plain = build_models(
-        recipe, data.num_classes, data.in_shape, allow_untrained=True
-    )
-    distiller = build_distiller(recipe, student, teacher, data)
-    x, y, idx = next(iter(data.train))
-    return distiller, (x, y, idx)
+    job = build_job(recipe, untrained_teacher=True)
+    x, y, idx = next(iter(job.data.train))
+    return job.distiller, (x, y, idx)
 
 
 def _recipe(loss: list[dict[str, Any]], student: str = "tinycnn", **extra: Any) -> Recipe:

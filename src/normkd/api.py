@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +24,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from normkd.config import Recipe, apply_overrides, recipe_from_dict
+from normkd import losses
+from normkd.config import DataCfg, EngineCfg, OptimCfg, Recipe, apply_overrides, recipe_from_dict
+from normkd.data.build import Data
 from normkd.data.imagenet import IndexedDataset
-from normkd.engine.build import Data, Prebuilt, resolve_device
-from normkd.engine.trainer import RunResult, fit
+from normkd.engine.loop import RunResult, run_recipe
+from normkd.engine.runtime import resolve_device
 from normkd.errors import UserError
-from normkd.models import get_taps, load_weights
+from normkd.losses import TERMS
+from normkd.models import eval_mode, get_taps
 
 __all__ = ["METHODS", "OPTIONS", "Result", "distill", "method_loss"]
 
-TERMS = ("kd", "norm", "dkd", "crd", "fitnet", "at")
 METHODS = (
     "vanilla",
     "kd",
@@ -46,50 +47,50 @@ METHODS = (
     "norm+crd",
     "fitnet",
     "at",
-)  # the usual ones; any terms joined with '+' work
+    "lskd",
+)  # the usual ones; any registered terms joined with '+' work
 
-# Every option distill() takes, with its default. Loss options shape the method's terms; the rest
-# go to the recipe's data / optim / engine sections (see normkd.config).
-OPTIONS: dict[str, Any] = {
-    # loss terms (a plain CE term with ce_weight is always included)
-    "ce_weight": 1.0,
-    "kd_weight": 1.0,
-    "temperature": 4.0,  # KD and DKD
-    "n": 8,  # NORM expansion factor
-    "norm_weight": 1.0,
-    "norm_ramp": "none",  # or "cifar" / "imagenet": the paper's epoch ramp of the NORM weight
-    "dkd_alpha": 1.0,
-    "dkd_beta": 8.0,
-    "dkd_warmup": None,  # epochs; default: epochs / 12 (mdistiller's 20 of 240), at most 20
-    "crd_weight": 0.8,
-    "fitnet_weight": 100.0,
-    "at_weight": 1000.0,
-    "loss": None,  # a full loss list (recipe format) instead of the method's defaults
-    # data (batch_size / workers apply when you pass Datasets)
-    "batch_size": 64,
-    "workers": 2,
-    # optimiser: SGD with momentum
-    "lr": 0.05,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
+# Recipe fields distill() takes as plain options (defaults from normkd.config), by section.
+SECTION_OPTIONS = {
+    DataCfg: ("data", ("batch_size", "workers")),
+    OptimCfg: ("optim", ("lr", "momentum", "weight_decay", "schedule", "warmup_epochs")),
+    EngineCfg: (
+        "engine",
+        ("device", "amp", "seed", "out_dir", "run_name", "quiet", "eval_every", "channels_last",
+         "compile"),
+    ),
+}  # fmt: skip
+# One option for a setting several terms share (None: each term's own default).
+SHARED = {"temperature": ("temperature", None), "n": ("n", None)}
+# Where distill() differs from a recipe: a short job on the caller's own data (cosine schedule
+# to zero, no milestones, 2 loader workers, DKD warm-up of epochs / 12 as mdistiller's 20 of 240).
+OWN_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",
-    "warmup_epochs": 0,
-    # engine / run directory
-    "device": "auto",
-    "amp": "off",
-    "seed": 0,
-    "out_dir": "runs",
-    "run_name": None,
+    "workers": 2,
+    "dkd_warmup": None,
+    "loss": None,  # a full loss list (recipe format) instead of the method's terms
     "resume": False,
     "overwrite": False,
-    "quiet": False,
-    "eval_every": 1,
-    "channels_last": False,
-    "compile": False,
-    # checks and escape hatches
     "check_teacher": True,  # refuse a teacher whose accuracy is near chance
     "overrides": None,  # list of "key=value" recipe overrides, as with the CLI's --set
 }
+
+
+def _options() -> dict[str, Any]:
+    """Every option distill() takes, with its default: ``<kind>_<field>`` for each loss term's
+    settings, the shared ones, the recipe fields above, and distill()'s own."""
+    out: dict[str, Any] = {}
+    for kind, cls in TERMS.items():
+        for name, f in cls.model_fields.items():
+            if name != "kind":
+                out[f"{kind}_{name}"] = f.default
+    out |= {k: default for k, (_field, default) in SHARED.items()}
+    for cls, (_section, names) in SECTION_OPTIONS.items():
+        out |= {n: cls.model_fields[n].default for n in names}
+    return out | OWN_DEFAULTS
+
+
+OPTIONS: dict[str, Any] = _options()
 
 
 @dataclass
@@ -110,16 +111,33 @@ class Result:
     recipe: Recipe | None = field(default=None, repr=False)
     run: RunResult | None = field(default=None, repr=False)
 
+    @classmethod
+    def of(cls, run: RunResult, recipe: Recipe, evaluated_on: str) -> Result:
+        """The result of a completed run, its deployable model taken from memory."""
+        assert run.model is not None  # the run completed its schedule
+        return cls(
+            student=run.model.eval(),
+            best_top1=run.best_top1,
+            best_epoch=run.best_epoch,
+            final_top1=run.final_top1,
+            final_top5=run.final_top5,
+            run_dir=Path(run.run_dir),
+            evaluated_on=evaluated_on,
+            merged_top1=run.merged_top1,
+            merge_max_logit_diff=run.merge_max_logit_diff,
+            seconds=run.seconds,
+            history=run.history,
+            recipe=recipe,
+            run=run,
+        )
+
 
 class _Batches:
     """A user loader seen as the engine's: ``(x, y, idx)`` batches, one length, set_epoch."""
 
-    def __init__(self, loader: Any, has_idx: bool, labels: torch.Tensor | None) -> None:
+    def __init__(self, loader: Any, has_idx: bool) -> None:
         self.loader = loader
         self.has_idx = has_idx
-        self.y = labels  # read by CRD for class-aware negatives (None: not known)
-        dataset = getattr(loader, "dataset", None)
-        self.dataset_size = len(dataset) if _sized(dataset) else None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -213,40 +231,34 @@ def _first_batch(loader: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, bo
     return x, y.long(), len(batch) == 3
 
 
+def method_kinds(method: str) -> list[str]:
+    """``"norm+kd"`` (or ``norm_kd``, ``"norm kd"``) -> the loss term kinds after CE."""
+    try:
+        return losses.method_kinds(method)
+    except ValueError as err:
+        raise UserError(f"{err} (e.g. {', '.join(repr(m) for m in METHODS[:6])})") from None
+
+
 def method_loss(method: str, options: dict[str, Any], epochs: int) -> list[dict[str, Any]]:
-    """``"norm+kd"``-style method -> the recipe's loss list (CE first, then each named term)."""
+    """The recipe's loss list for ``method``: CE first, then each named term, with the options
+    the caller set (``<kind>_<field>``, or a shared one); the rest keep the terms' defaults."""
     o = {**OPTIONS, **options}
-    tokens = [t for t in re.split(r"[+_ ]+", str(method).strip().lower()) if t]
-    valid = "'vanilla' or terms joined with '+' from " + ", ".join(TERMS)
-    if tokens == ["vanilla"] or tokens == ["ce"]:
-        tokens = []
-    elif not tokens or any(t not in TERMS for t in tokens):
-        bad = [t for t in tokens if t not in TERMS]
-        raise UserError(
-            f"unknown method {method!r}"
-            + (f" (unknown: {', '.join(bad)})" if bad else "")
-            + f"; use {valid} (e.g. {', '.join(repr(m) for m in METHODS[:6])})"
-        )
-    if len(set(tokens)) != len(tokens):
-        raise UserError(f"method {method!r} names a term twice")
-    warmup = o["dkd_warmup"]
-    if warmup is None:
-        warmup = min(20, max(1, round(epochs / 12)))
-    term = {
-        "kd": {"kind": "kd", "weight": o["kd_weight"], "temperature": o["temperature"]},
-        "norm": {"kind": "norm", "weight": o["norm_weight"], "n": o["n"], "ramp": o["norm_ramp"]},
-        "dkd": {
-            "kind": "dkd",
-            "alpha": o["dkd_alpha"],
-            "beta": o["dkd_beta"],
-            "temperature": o["temperature"],
-            "warmup": warmup,
-        },
-        "crd": {"kind": "crd", "weight": o["crd_weight"]},
-        "fitnet": {"kind": "fitnet", "weight": o["fitnet_weight"]},
-        "at": {"kind": "at", "weight": o["at_weight"]},
-    }
-    return [{"kind": "ce", "weight": o["ce_weight"]}] + [term[t] for t in tokens]
+    terms = []
+    for kind in ["ce", *method_kinds(method)]:
+        settings = TERMS[kind].model_fields
+        term: dict[str, Any] = {"kind": kind}
+        for option, (setting, _default) in SHARED.items():
+            if setting in settings and o[option] is not None:
+                term[setting] = o[option]
+        for setting in settings:
+            value = options.get(f"{kind}_{setting}")
+            if setting != "kind" and value is not None:
+                term[setting] = value
+        terms.append(term)
+    dkd = next((t for t in terms if t["kind"] == "dkd"), None)
+    if dkd is not None and "warmup" not in dkd:
+        dkd["warmup"] = min(20, max(1, round(epochs / 12)))
+    return terms
 
 
 def _logits(model: nn.Module, role: str, x: torch.Tensor) -> torch.Tensor:
@@ -285,12 +297,8 @@ def _check_models(
     widths = {}
     with torch.no_grad():
         for role, model in roles:
-            was = model.training
-            model.eval()
-            try:
+            with eval_mode(model):
                 widths[role] = _logits(model, role, x).shape[1]
-            finally:
-                model.train(was)
     k = widths["student"]
     if teacher is not None and widths["teacher"] != k:
         raise UserError(
@@ -333,28 +341,19 @@ def distill(
     ``student`` is copied, never changed; the teacher is frozen (requires_grad off, eval mode)
     and moved to the run's device. Raises :class:`normkd.errors.UserError` for bad input.
     """
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise UserError(
-            f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(OPTIONS)}"
-        )
-    o = {**OPTIONS, **options}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(
-            "normkd.distill runs in one process; for several GPUs use the CLI under torchrun"
-        )
-    loss = copy.deepcopy(o["loss"]) if o["loss"] is not None else method_loss(method, o, epochs)
+    o = _checked_options(options)
+    loss = (
+        copy.deepcopy(o["loss"]) if o["loss"] is not None else method_loss(method, options, epochs)
+    )
     kinds = {t.get("kind") for t in loss if isinstance(t, dict)}
-    needs_teacher = bool(kinds - {"ce"})
     if not isinstance(student, nn.Module):
         raise UserError(f"student must be a torch nn.Module, got {type(student).__name__}")
+    needs_teacher = any(TERMS[k].needs_teacher() for k in kinds if k in TERMS)
     if needs_teacher and not isinstance(teacher, nn.Module):
         raise UserError(
             f"method {method!r} needs a teacher nn.Module, got {type(teacher).__name__}"
         )
-    if not needs_teacher:
-        teacher = None
-
+    teacher = teacher if needs_teacher else None
     train = _as_loader(train_data, "train_data", o["batch_size"], o["workers"], train=True)
     val = (
         None
@@ -362,130 +361,136 @@ def distill(
         else _as_loader(val_data, "val_data", o["batch_size"], o["workers"], train=False)
     )
     x, y, has_idx = _first_batch(train, "train_data")
-    val_idx = False
-    if val is not None:
-        vx, _vy, val_idx = _first_batch(val, "val_data")
-        if tuple(vx.shape[1:]) != tuple(x.shape[1:]):
-            raise UserError(
-                f"val_data images are {tuple(vx.shape[1:])} but train_data images are "
-                f"{tuple(x.shape[1:])}: use the same size"
-            )
-
+    val_idx = _check_val(val, x)
     labels = _labels_of(getattr(train, "dataset", None))
     if "crd" in kinds:
-        if not has_idx:
-            raise UserError(
-                "CRD needs each sample's index (its memory bank has one slot per training "
-                "image), but train_data yields only (x, y): pass a Dataset (normkd adds the "
-                "indices) or a DataLoader yielding (x, y, idx) with idx the sample's index in "
-                "its dataset"
-            )
-        if not _sized(getattr(train, "dataset", None)):
-            raise UserError("CRD needs train_data.dataset with a length (the memory bank size)")
-        crd = next(t for t in loss if t.get("kind") == "crd")
-        if labels is None and "negatives" not in crd:
-            crd["negatives"] = "any"  # class-aware negatives need labels we cannot read here
-            if not o["quiet"]:
-                print("note: CRD draws negatives from any class (train_data exposes no labels)")
-
+        _check_crd(loss, train, has_idx, labels, o["quiet"])
     device = resolve_device(o["device"])
     student = copy.deepcopy(student).to(device)
     if teacher is not None:
         teacher = teacher.to(device)
-    x, y = x.to(device), y.to(device)
-    num_classes = _check_models(teacher, student, x, y)
+    num_classes = _check_models(teacher, student, x.to(device), y.to(device))
     if teacher is not None and o["check_teacher"]:
-        teacher.eval()
-        source = val if val is not None else train
-        acc, n = _teacher_accuracy(teacher, source, device)
-        chance = 100.0 / num_classes
-        if acc <= 1.5 * chance:
-            raise UserError(
-                f"teacher {type(teacher).__name__} gets {acc:.1f}% top-1 on {n} "
-                f"{'val_data' if val is not None else 'train_data'} images, about chance "
-                f"({chance:.1f}% for {num_classes} classes): it looks untrained. Train it (or "
-                "load its weights) first, or pass check_teacher=False to distil from it anyway"
-            )
-
-    slug = "_".join(sorted(kinds - {"ce"}, key=lambda k: (k != "norm", k))) or "vanilla"
-    name = o["run_name"] or f"distill_{slug}"
-    recipe_dict: dict[str, Any] = {
-        "name": name,
-        "task": "distill" if teacher is not None else "train",
-        "data": {
-            "kind": "external",
-            "batch_size": int(getattr(train, "batch_size", None) or o["batch_size"]),
-            "workers": int(getattr(train, "num_workers", o["workers"])),
-        },
-        "teacher": {"model": "external"} if teacher is not None else None,
-        "student": {"model": "external"},
-        "loss": loss,
-        "optim": {
-            "epochs": epochs,
-            "lr": o["lr"],
-            "momentum": o["momentum"],
-            "weight_decay": o["weight_decay"],
-            "schedule": o["schedule"],
-            "milestones": [],
-            "warmup_epochs": o["warmup_epochs"],
-        },
-        "engine": {
-            "device": o["device"],
-            "amp": o["amp"],
-            "seed": o["seed"],
-            "out_dir": str(o["out_dir"]),
-            "run_name": o["run_name"],
-            "quiet": o["quiet"],
-            "eval_every": o["eval_every"],
-            "channels_last": o["channels_last"],
-            "compile": o["compile"],
-        },
-    }
-    if teacher is None:
-        del recipe_dict["teacher"]
-    recipe_dict = apply_overrides(recipe_dict, list(o["overrides"] or []))
-    recipe = recipe_from_dict(recipe_dict, "normkd.distill options")
-
+        _check_teacher_accuracy(
+            teacher, val if val is not None else train, val is not None, device, num_classes
+        )
+    recipe = _recipe(o, loss, kinds, teacher is not None, epochs, train)
     if val is None and not o["quiet"]:
         print("note: no val_data: accuracy is measured on train_data")
-    info = {
-        "source": "python",
-        "train": type(getattr(train, "dataset", train)).__name__,
-        "n_train": len(train.dataset) if _sized(getattr(train, "dataset", None)) else None,
-        "evaluated_on": "val" if val is not None else "train",
-        "teacher": type(teacher).__name__ if teacher is not None else None,
-        "student": type(student).__name__,
-    }
-    test_loader = val if val is not None else train
-    test_has_idx = val_idx if val is not None else has_idx
-    data = Data(
-        train=_Batches(train, has_idx, labels),
-        test=_Batches(test_loader, test_has_idx, None),
-        num_classes=num_classes,
-        in_shape=tuple(int(s) for s in x.shape[1:]),  # type: ignore[arg-type]
-        info=info,
-    )
-    run = fit(
+    data = _data(train, (val, val_idx) if val is not None else (train, has_idx), has_idx, x)
+    data.num_classes, data.train_labels = num_classes, labels
+    data.info |= {"teacher": type(teacher).__name__ if teacher else None}
+    data.info |= {"student": type(student).__name__}
+    run = run_recipe(
         recipe,
         resume=bool(o["resume"]),
         overwrite=bool(o["overwrite"]),
-        prebuilt=Prebuilt(data=data, student=student, teacher=teacher),
+        student=student,
+        teacher=teacher,
+        data=data,
     )
-    # The run's model.safetensors is the deployable student (FT merged for NORM): load it into
-    # our trained copy, whose architecture it has, so the returned model is exactly the file.
-    load_weights(student, Path(run.run_dir) / "model.safetensors")
-    return Result(
-        student=student.eval(),
-        best_top1=run.best_top1,
-        best_epoch=run.best_epoch,
-        final_top1=run.final_top1,
-        final_top5=run.final_top5,
-        run_dir=Path(run.run_dir),
-        evaluated_on=info["evaluated_on"],
-        merged_top1=run.merged_top1,
-        merge_max_logit_diff=run.merge_max_logit_diff,
-        seconds=run.seconds,
-        history=run.history,
-        recipe=recipe,
-        run=run,
-    )
+    return Result.of(run, recipe, data.info["evaluated_on"])
+
+
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The caller's options over the defaults; unknown names and torchrun are refused."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise UserError(
+            f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(OPTIONS)}"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "normkd.distill runs in one process; for several GPUs use the CLI under torchrun"
+        )
+    return {**OPTIONS, **options}
+
+
+def _check_val(val: Any, x: torch.Tensor) -> bool:
+    """val_data's images must be train_data's size; returns whether it yields indices."""
+    if val is None:
+        return False
+    vx, _vy, val_idx = _first_batch(val, "val_data")
+    if tuple(vx.shape[1:]) != tuple(x.shape[1:]):
+        raise UserError(
+            f"val_data images are {tuple(vx.shape[1:])} but train_data images are "
+            f"{tuple(x.shape[1:])}: use the same size"
+        )
+    return val_idx
+
+
+def _check_crd(
+    loss: list[dict[str, Any]], train: Any, has_idx: bool, labels: Any, quiet: bool
+) -> None:
+    """CRD's memory bank needs each sample's index and the dataset's size."""
+    if not has_idx:
+        raise UserError(
+            "CRD needs each sample's index (its memory bank has one slot per training "
+            "image), but train_data yields only (x, y): pass a Dataset (normkd adds the "
+            "indices) or a DataLoader yielding (x, y, idx) with idx the sample's index in "
+            "its dataset"
+        )
+    if not _sized(getattr(train, "dataset", None)):
+        raise UserError("CRD needs train_data.dataset with a length (the memory bank size)")
+    crd = next(t for t in loss if t.get("kind") == "crd")
+    if labels is None and "negatives" not in crd:
+        crd["negatives"] = "any"  # class-aware negatives need labels we cannot read here
+        if not quiet:
+            print("note: CRD draws negatives from any class (train_data exposes no labels)")
+
+
+def _check_teacher_accuracy(
+    teacher: nn.Module, source: Any, is_val: bool, device: torch.device, num_classes: int
+) -> None:
+    """Refuse a teacher at about chance accuracy: it was most likely never trained."""
+    with eval_mode(teacher):
+        acc, n = _teacher_accuracy(teacher, source, device)
+    chance = 100.0 / num_classes
+    if acc <= 1.5 * chance:
+        raise UserError(
+            f"teacher {type(teacher).__name__} gets {acc:.1f}% top-1 on {n} "
+            f"{'val_data' if is_val else 'train_data'} images, about chance "
+            f"({chance:.1f}% for {num_classes} classes): it looks untrained. Train it (or "
+            "load its weights) first, or pass check_teacher=False to distil from it anyway"
+        )
+
+
+def _recipe(
+    o: dict[str, Any], loss: list[Any], kinds: set[Any], has_teacher: bool, epochs: int, train: Any
+) -> Recipe:
+    """The run's recipe: the options' sections, models passed as objects ("external")."""
+    sections = {sec: {n: o[n] for n in names} for sec, names in SECTION_OPTIONS.values()}
+    sections["data"] |= {
+        "kind": "external",
+        "batch_size": int(getattr(train, "batch_size", None) or o["batch_size"]),
+        "workers": int(getattr(train, "num_workers", o["workers"])),
+    }
+    sections["optim"] |= {"epochs": epochs, "milestones": []}
+    sections["engine"]["out_dir"] = str(o["out_dir"])
+    slug = "_".join(sorted(kinds - {"ce"}, key=lambda k: (k != "norm", k))) or "vanilla"
+    recipe: dict[str, Any] = {
+        "name": o["run_name"] or f"distill_{slug}",
+        "task": "distill" if has_teacher else "train",
+        "student": {"model": "external"},
+        "loss": loss,
+        **sections,
+    }
+    if has_teacher:
+        recipe["teacher"] = {"model": "external"}
+    recipe = apply_overrides(recipe, list(o["overrides"] or []))
+    return recipe_from_dict(recipe, "normkd.distill options")
+
+
+def _data(train: Any, test: tuple[Any, bool], has_idx: bool, x: torch.Tensor) -> Data:
+    """The engine's view of the caller's loaders (``test``: the loader and whether it yields
+    indices; train_data when no val_data was given)."""
+    dataset = getattr(train, "dataset", None)
+    size = len(dataset) if _sized(dataset) else 0
+    info = {
+        "source": "python",
+        "train": type(dataset if dataset is not None else train).__name__,
+        "n_train": size or None,
+        "evaluated_on": "train" if test[0] is train else "val",
+    }
+    in_shape = tuple(int(s) for s in x.shape[1:])
+    return Data(_Batches(train, has_idx), _Batches(*test), 0, in_shape, info, train_size=size)  # type: ignore[arg-type]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from normkd import __version__
@@ -45,7 +44,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from normkd.config import load_recipe
-    from normkd.engine import fit
+    from normkd.engine import run_recipe
 
     overrides = list(args.overrides)
     if args.quiet:
@@ -57,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError(
             f"{args.config} is a '{recipe.task}' recipe; run it with `normkd {recipe.task}`"
         )
-    result = fit(recipe, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
+    result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
     if args.dry_run or int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(
@@ -91,13 +90,19 @@ def _model_and_recipe(path: Path, config: Path | None, overrides: list[str]):
     return model, meta, load_recipe(cfg, overrides)
 
 
+def _test_data(recipe, device):
+    """The test loader of a run's recipe (the data must be there: no fake stand-in)."""
+    from normkd.data.build import Place, build_data
+
+    return build_data(recipe.data, Place(device, recipe.engine.seed))
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from normkd.engine.build import build_data, resolve_device
-    from normkd.engine.trainer import evaluate
+    from normkd.engine import evaluate, resolve_device
 
     model, meta, recipe = _model_and_recipe(args.checkpoint, args.config, args.overrides)
     device = resolve_device(recipe.engine.device)
-    data = build_data(recipe, device)
+    data = _test_data(recipe, device)
     res = evaluate(model.to(device), data.test, device)
     print(
         f"{args.checkpoint}: {meta['model']} top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
@@ -110,86 +115,50 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     from normkd.config import load_recipe
-    from normkd.engine.build import build_data, build_distiller, build_models, resolve_device
+    from normkd.engine import deploy
     from normkd.engine.checkpoint import load_checkpoint, save_model
-    from normkd.norm import FTStudent, max_logit_diff, merge_ft
+    from normkd.engine.job import assemble
+    from normkd.engine.runtime import Runtime
 
     src = args.source
     if not src.exists():
         raise UserError(f"merge source not found: {src} (expected RUN_DIR or RUN_DIR/last.pt)")
     ckpt_path = src / ("best.pt" if args.best else "last.pt") if src.is_dir() else src
     run_dir = ckpt_path.parent
-    recipe = load_recipe(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    if recipe is None:
+    if not (run_dir / "config.yaml").is_file():
         raise UserError(f"no config.yaml beside {ckpt_path}: merge needs the run directory")
+    recipe = load_recipe(run_dir / "config.yaml")
     if recipe.norm is None:
         raise UserError(f"{recipe.name} does not use NORM: there is no FT to merge")
     state = load_checkpoint(ckpt_path)
-    device = resolve_device("cpu")
-    data = build_data(recipe, device)
-    student, teacher, _plain = build_models(
-        recipe, data.num_classes, data.in_shape, allow_untrained=True
-    )
-    distiller = build_distiller(recipe, student, teacher, data)
-    distiller.load_state_dict(state["distiller"])
-    assert isinstance(distiller.student, FTStudent)
-    merged = merge_ft(distiller.student)
-    x, _y, _i = next(iter(data.test))
-    diff = max_logit_diff(distiller.student, merged, x)
-    meta = {
-        "model": recipe.student.model,
-        "num_classes": data.num_classes,
-        "kwargs": recipe.student.kwargs,
-        "recipe": recipe.name,
-        "merged_from_ft": True,
-    }
-    save_model(args.out, merged, meta)
+    rt = Runtime(torch.device("cpu"))
+    # Built as for a dry run (the teacher's weights are not needed), on the run's real data.
+    job = assemble(recipe, rt, data=_test_data(recipe, rt.device), dry_run=True)
+    job.distiller.load_state_dict(state["distiller"])
+    x = next(iter(job.data.test))[0]
+    merged, diff = deploy.merge_checked(job.student, x)
+    save_model(args.out, merged, deploy.model_meta(recipe, job.plain, job.data.num_classes, True))
     n = sum(p.numel() for p in merged.parameters())
-    with torch.no_grad():
-        print(
-            f"merged {ckpt_path} -> {args.out}: {recipe.student.model}, {n:,} params; "
-            f"max |logit diff| vs FT student on a batch of {x.shape[0]}: {diff:.2e}"
-        )
+    print(
+        f"merged {ckpt_path} -> {args.out}: {recipe.student.model}, {n:,} params; "
+        f"max |logit diff| vs FT student on a batch of {x.shape[0]}: {diff:.2e}"
+    )
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from normkd.engine.checkpoint import load_model_file
+    from normkd.engine.deploy import export_onnx
 
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
     model, meta = load_model_file(path)
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    x = torch.randn(1, *shape)
-    args.onnx.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The TorchScript exporter needs no extra package (the dynamo one needs onnxscript).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (x,),
-            str(args.onnx),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
+    diff = export_onnx(model, args.onnx, shape)
     msg = f"exported {path} ({meta['model']}) -> {args.onnx}"
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    if diff is None:
         print(msg + " (onnxruntime not installed: output not checked)")
-        return 0
-    sess = ort.InferenceSession(str(args.onnx), providers=["CPUExecutionProvider"])
-    xb = torch.randn(4, *shape)
-    got = torch.from_numpy(sess.run(None, {"images": xb.numpy()})[0])
-    with torch.no_grad():
-        want = model(xb)
-    diff = float((got - want).abs().max())
-    print(msg + f"; onnxruntime max |logit diff| vs PyTorch: {diff:.2e}")
-    if diff > 1e-3:
-        raise UserError(f"ONNX output differs from PyTorch by {diff:.2e}")
+    else:
+        print(msg + f"; onnxruntime max |logit diff| vs PyTorch: {diff:.2e}")
     return 0
 
 

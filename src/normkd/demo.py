@@ -14,24 +14,13 @@ from typing import Any
 
 import torch
 
-from normkd.config import load_recipe
-from normkd.engine import RunResult, fit
+from normkd.engine import RunResult
 from normkd.errors import UserError
+from normkd.losses import method_label
+from normkd.sweep import Sweep, run_sweep
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_METHODS = ["vanilla", "kd", "norm", "norm_kd"]
-LABELS = {
-    "vanilla": "vanilla (CE only)",
-    "kd": "KD",
-    "norm": "NORM",
-    "norm_kd": "NORM+KD",
-    "fitnet": "FitNet",
-    "at": "AT",
-    "crd": "CRD",
-    "dkd": "DKD",
-    "norm_crd": "NORM+CRD",
-    "norm_dkd": "NORM+DKD",
-}
 
 
 def demo_methods() -> list[str]:
@@ -65,58 +54,34 @@ def run_demo(
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
     if n_seeds < 1:
         raise UserError("--seeds must be >= 1")
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     t0 = time.perf_counter()
     common = [f"engine.out_dir={out_dir}", f"engine.quiet={str(quiet).lower()}"]
     if quick:
         common += ["optim.epochs=8"]
-
-    teacher_recipe = load_recipe(CONFIGS / "demo" / "teacher.yaml", common)
-    print(f"[demo] training the teacher ({teacher_recipe.student.model}) on digits ...", flush=True)
-    teacher = fit(teacher_recipe, overwrite=True)
-    teacher_file = Path(teacher.run_dir) / "model.safetensors"
-    print(f"[demo] teacher: top-1 {teacher.final_top1:.2f}% ({teacher.seconds:.1f} s)", flush=True)
-
-    results: dict[str, list[RunResult]] = {m: [] for m in methods}
-    total = len(methods) * n_seeds
-    done = 0
-    for seed in range(n_seeds):
-        for method in methods:
-            overrides = [*common, f"engine.seed={seed}", f"engine.run_name={method}_seed{seed}"]
-            recipe = load_recipe(CONFIGS / "demo" / f"{method}.yaml", overrides)
-            if recipe.teacher is not None:
-                recipe.teacher.weights = teacher_file
-            res = fit(recipe, overwrite=True)
-            results[method].append(res)
-            done += 1
-            print(
-                f"[demo] {done}/{total} {LABELS.get(method, method)} seed {seed}: "
-                f"top-1 {res.final_top1:.2f}% ({res.seconds:.1f} s)",
-                flush=True,
-            )
-
-    n_train = teacher_recipe.data.n_train
-    table = _table(results, teacher, n_seeds)
+    sweep = run_sweep(CONFIGS / "demo", methods, n_seeds, common, "demo")
+    n_train = sweep.teacher_recipe.data.n_train
+    table = _table(sweep, n_seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "results.md"
     png = out_dir / "results.png"
     header = (
         f"# normkd demo: digits ({n_train:,} train / {1797 - n_train:,} test images), "
         f"{n_seeds} seed(s)\n\n"
-        f"Teacher {teacher_recipe.student.model}: top-1 {teacher.final_top1:.2f}%. "
+        f"Teacher {sweep.teacher_recipe.student.model}: top-1 {sweep.teacher.final_top1:.2f}%. "
         f"Device: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{time.strftime('%Y-%m-%d')}. Wall time {time.perf_counter() - t0:.0f} s.\n\n"
     )
     md.write_text(header + table + "\n")
-    _plot(results, png)
+    _plot(sweep.runs, png)
     print()
     print(table)
     print(f"\n[demo] table: {md}\n[demo] plot:  {png}\n[demo] runs:  {out_dir}/")
     print(f"[demo] wall time {time.perf_counter() - t0:.0f} s")
-    return results
+    return sweep.runs
 
 
-def _table(results: dict[str, list[RunResult]], teacher: RunResult, n_seeds: int) -> str:
+def _table(sweep: Sweep, n_seeds: int) -> str:
+    results, teacher = sweep.runs, sweep.teacher
     base = results.get("vanilla")
     rows = [
         "| method | test top-1 % (final) | best-epoch top-1 % | Δ vs vanilla | deployed params "
@@ -133,7 +98,7 @@ def _table(results: dict[str, list[RunResult]], teacher: RunResult, n_seeds: int
             delta = "—"
         secs = statistics.mean(r.seconds for r in runs)
         rows.append(
-            f"| {LABELS.get(method, method)} | {_fmt(final)} | {_fmt(best)} | {delta} "
+            f"| {method_label(method)} | {_fmt(final)} | {_fmt(best)} | {delta} "
             f"| {runs[0].params:,} | {secs:.1f} |"
         )
     rows.append(
@@ -150,7 +115,7 @@ def _plot(results: dict[str, list[RunResult]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [LABELS.get(m, m) for m in results]
+    names = [method_label(m) for m in results]
     means = [statistics.mean(r.final_top1 for r in runs) for runs in results.values()]
     errs = [
         statistics.stdev([r.final_top1 for r in runs]) if len(runs) > 1 else 0.0

@@ -7,8 +7,8 @@ import torch
 
 from normkd.config import recipe_from_dict
 from normkd.data import folder_datasets, folder_loaders
-from normkd.engine.build import build_data
 from normkd.errors import ConfigError, DataError
+from support import recipe_data
 
 
 def _recipe(root, **data):
@@ -61,13 +61,13 @@ def test_train_and_val_folders_are_used_as_they_are(tmp_path, write_images):
 
 def test_build_data_from_a_recipe(image_folder):
     recipe = _recipe(image_folder, batch_size=4, val_fraction=0.5)
-    data = build_data(recipe, torch.device("cpu"))
+    data = recipe_data(recipe)
     assert (data.num_classes, data.in_shape) == (3, (3, 16, 16))
     assert data.info["n_val"] == 18 and not data.fake
 
 
 def test_dry_run_without_the_folder_uses_fake_data(tmp_path):
-    data = build_data(_recipe(tmp_path / "absent"), torch.device("cpu"), dry_run=True)
+    data = recipe_data(_recipe(tmp_path / "absent"), dry_run=True)
     assert data.fake and data.in_shape == (3, 16, 16)
 
 
@@ -75,7 +75,7 @@ def test_missing_root(tmp_path):
     with pytest.raises(DataError, match=r"image folder .*absent does not exist.*ROOT/<class>"):
         folder_datasets(tmp_path / "absent")
     with pytest.raises(ConfigError, match=r"data\.root: set it to your image folder"):
-        build_data(_recipe(None), torch.device("cpu"))
+        recipe_data(_recipe(None))
 
 
 def test_empty_root_and_class_folders_without_images(tmp_path):

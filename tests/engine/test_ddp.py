@@ -27,11 +27,10 @@ from safetensors.torch import load_file
 from normkd.cli import main
 from normkd.config import load_recipe
 from normkd.engine import evaluate
-from normkd.engine.build import build_data, build_distiller, build_models
 from normkd.engine.checkpoint import load_checkpoint, load_model_file
 from normkd.models import create_model
 from normkd.norm import FTStudent, merge_ft
-from support import write_image_folder
+from support import build_job, write_image_folder
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
 KILL_EPOCHS = 8  # epochs take ~0.1 s on 2 CPU cores: room to kill after epoch 1, before the end
@@ -263,12 +262,11 @@ def test_two_process_norm_run_with_ft_batchnorm_deploys_the_merged_student(tmp_p
     assert meta["merged_from_ft"]
 
     recipe = load_recipe(run / "config.yaml")
-    data = build_data(recipe, torch.device("cpu"))
+    job = build_job(recipe)
+    data = job.data
     assert len(data.test.dataset) == 6
-    student, teacher, _plain = build_models(recipe, data.num_classes, data.in_shape)
-    distiller = build_distiller(recipe, student, teacher, data)
-    distiller.load_state_dict(load_checkpoint(run / "last.pt")["distiller"])
-    ft = distiller.student.eval()
+    job.distiller.load_state_dict(load_checkpoint(run / "last.pt")["distiller"])
+    ft = job.student.eval()
     assert isinstance(ft, FTStudent) and any(
         isinstance(m, torch.nn.BatchNorm2d) for m in ft.ft.modules()
     )

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 import normkd
 from normkd.cli import main
 from normkd.config import Recipe, load_recipe
-from normkd.engine import evaluate, fit
+from normkd.engine import evaluate, run_recipe
 from normkd.engine.checkpoint import load_checkpoint, load_model_file
 from normkd.engine.schedule import lr_at
 from normkd.models import create_model
 from normkd.norm import FTStudent, merge_ft
-from support import DEMO, FAST, sets
+from support import DEMO, FAST, build_job, recipe_data, sets
 
 CPU = torch.device("cpu")
 
@@ -37,20 +37,13 @@ def _restore(recipe: Recipe, checkpoint: Path | None = None) -> tuple[object, nn
     """The recipe's test loader on CPU and, given a training checkpoint, the student as trained
     (with FT for NORM) restored from it, in eval mode.
 
-    The one place this file builds engine internals (``normkd.engine.build``): when the loop is
-    redesigned, only this helper should need to change.
+    The one place this file builds engine internals (``assemble``, through tests/support.py).
     """
-    from normkd.engine.build import build_data, build_distiller, build_models
-
-    data = build_data(recipe, CPU)
     if checkpoint is None:
-        return data.test, None
-    student, teacher, _plain = build_models(
-        recipe, data.num_classes, data.in_shape, allow_untrained=True
-    )
-    distiller = build_distiller(recipe, student, teacher, data)
-    distiller.load_state_dict(load_checkpoint(checkpoint)["distiller"])
-    return data.test, distiller.student.eval()
+        return recipe_data(recipe).test, None
+    job = build_job(recipe, untrained_teacher=True)
+    job.distiller.load_state_dict(load_checkpoint(checkpoint)["distiller"])
+    return job.data.test, job.student.eval()
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
@@ -85,7 +78,7 @@ def vanilla_run(tmp_path_factory) -> Path:
             "optim.lr_reference_batch=256",
         ],
     )
-    fit(recipe)
+    run_recipe(recipe)
     return out / "demo_vanilla"
 
 
@@ -108,7 +101,7 @@ def norm_run(tmp_path_factory, demo_teacher) -> tuple[Path, object]:
             "optim.warmup_epochs=0",
         ],
     )
-    result = fit(recipe)
+    result = run_recipe(recipe)
     assert result.best_epoch < 7 and result.final_top1 < result.best_top1 - 1.0, (
         "precondition: the run's final accuracy must be below its best; history "
         f"{[round(h['test_top1'], 1) for h in result.history]}"

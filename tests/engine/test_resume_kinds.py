@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 import normkd
 from normkd.config import Recipe, load_recipe, recipe_from_dict
-from normkd.engine import fit
+from normkd.engine import run_recipe
 from normkd.engine.checkpoint import load_checkpoint
 from normkd.models import create_model
 from support import DEMO, FAST, write_cifar100, write_image_folder
@@ -39,11 +39,11 @@ def _assert_same_state(a_run: Path, b_run: Path) -> None:
 
 def _straight_vs_resumed(make: Any, tmp_path: Path) -> None:
     """``make(run_name)`` -> Recipe of 2 epochs; run it straight and as 1 epoch + --resume."""
-    fit(make("full"))
+    run_recipe(make("full"))
     part = make("part")
-    fit(part, stop_after_epoch=1)
+    run_recipe(part, stop_after_epoch=1)
     assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
-    fit(part, resume=True)
+    run_recipe(part, resume=True)
     _assert_same_state(tmp_path / "full", tmp_path / "part")
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from normkd.cli import main
 from normkd.config import load_recipe
-from normkd.engine import fit
+from normkd.engine import run_recipe
 from normkd.engine.checkpoint import load_checkpoint, load_model_file
 from support import DEMO, FAST, sets
 
@@ -95,11 +95,11 @@ def test_distill_cli_writes_every_artifact(tmp_path, teacher_file, capsys):
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, teacher_file):
-    full = fit(_recipe("norm_kd", tmp_path, teacher_file, "engine.run_name=full"))
+    full = run_recipe(_recipe("norm_kd", tmp_path, teacher_file, "engine.run_name=full"))
     part = _recipe("norm_kd", tmp_path, teacher_file, "engine.run_name=part")
-    fit(part, stop_after_epoch=1)
+    run_recipe(part, stop_after_epoch=1)
     assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
-    resumed = fit(part, resume=True)
+    resumed = run_recipe(part, resume=True)
     a = load_checkpoint(tmp_path / "full" / "last.pt")["distiller"]
     b = load_checkpoint(tmp_path / "part" / "last.pt")["distiller"]
     assert a.keys() == b.keys()
@@ -111,8 +111,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, teacher_file)
 
 
 def test_different_seeds_give_different_runs(tmp_path, teacher_file):
-    a = fit(_recipe("kd", tmp_path, teacher_file, "engine.run_name=a", "engine.seed=0"))
-    b = fit(_recipe("kd", tmp_path, teacher_file, "engine.run_name=b", "engine.seed=1"))
+    a = run_recipe(_recipe("kd", tmp_path, teacher_file, "engine.run_name=a", "engine.seed=0"))
+    b = run_recipe(_recipe("kd", tmp_path, teacher_file, "engine.run_name=b", "engine.seed=1"))
     wa = load_checkpoint(tmp_path / "a" / "last.pt")["distiller"]
     wb = load_checkpoint(tmp_path / "b" / "last.pt")["distiller"]
     assert not torch.equal(wa["student.conv1.weight"], wb["student.conv1.weight"])
@@ -159,14 +159,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, teacher_
     from normkd.engine.checkpoint import save_checkpoint
 
     recipe = _recipe("kd", tmp_path, teacher_file, "engine.run_name=nan")
-    fit(recipe, stop_after_epoch=1)
+    run_recipe(recipe, stop_after_epoch=1)
     # Poison the student's weights in the saved state: the next epoch's losses are inf/NaN.
     state = load_checkpoint(tmp_path / "nan" / "last.pt")
     state["distiller"]["student.fc.weight"].fill_(float("inf"))
     save_checkpoint(tmp_path / "nan" / "last.pt", state)
     poisoned = (tmp_path / "nan" / "last.pt").read_bytes()
     with pytest.raises(NonFiniteLossError, match=r"loss term\(s\) ce, kd became non-finite"):
-        fit(recipe, resume=True)
+        run_recipe(recipe, resume=True)
     assert (tmp_path / "nan" / "last.pt").read_bytes() == poisoned
     with open(tmp_path / "nan" / "metrics.csv") as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0]

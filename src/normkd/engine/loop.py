@@ -160,6 +160,7 @@ def train_epoch(job: Job, epoch: int) -> dict[str, float]:
             meter.check(epoch)
             bar.set_postfix(loss=f"{float(out.total):.3f}", lr=f"{lr:.3g}")
     meter.check(epoch)
+    rt.share_buffers(job.distiller)
     seconds = time.perf_counter() - t0
     sums = rt.sum(meter.totals())
     seen = max(sums.pop("seen"), 1.0)

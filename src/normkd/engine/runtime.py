@@ -97,6 +97,14 @@ class Runtime:
         dist.all_reduce(t)
         return {k: float(v) for k, v in zip(keys, t.tolist())}
 
+    def share_buffers(self, module: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics move per rank on its own last
+        batch; DDP re-broadcasts them only at the next forward), so evaluation and checkpoints
+        see the model rank 0 saves."""
+        if self.distributed:
+            for b in module.buffers():
+                dist.broadcast(b, src=0)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
