@@ -16,45 +16,35 @@ from normkd.engine import run_recipe
 from normkd.engine.checkpoint import load_checkpoint, load_model_file
 from normkd.losses import method_label
 from normkd.models import create_model
-from support import build_job
+from support import DEMO, build_job, sets
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 METHODS = ["kd", "fitnet", "at", "crd", "dkd", "norm_kd", "norm_crd", "norm_dkd"]
-FAST = ["data.n_train=200", "engine.device=cpu", "optim.epochs=1"]
+FAST = ["data.n_train=200", "engine.device=cpu", "optim.epochs=1", "teacher.model=resnet8"]
 NO_TEACHER = ["teacher.weights=null", "engine.device=cpu"]  # dry runs need no trained teacher
 
 
-def _sets(*items: str) -> list[str]:
-    return [a for s in items for a in ("--set", s)]
-
-
-@pytest.fixture(scope="session")
-def teacher_file(tmp_path_factory) -> Path:
-    """The demo teacher trained for one epoch, once per session."""
-    out = tmp_path_factory.mktemp("teacher")
-    rc = main(
-        ["train", str(DEMO / "teacher.yaml"), "--out-dir", str(out), "--quiet", *_sets(*FAST)]
-    )
-    assert rc == 0
-    return out / "demo_teacher" / "model.safetensors"
+@pytest.fixture
+def teacher_file(demo_teacher: Path) -> Path:
+    """The session's resnet8 demo teacher (tests/conftest.py)."""
+    return demo_teacher
 
 
 def _distill(method: str, out: Path, teacher: Path, *extra: str) -> int:
     args = [*FAST, f"teacher.weights={teacher}", *extra]
     return main(
-        ["distill", str(DEMO / f"{method}.yaml"), "--out-dir", str(out), "--quiet", *_sets(*args)]
+        ["distill", str(DEMO / f"{method}.yaml"), "--out-dir", str(out), "--quiet", *sets(*args)]
     )
 
 
 @pytest.fixture(scope="session")
-def distilled(tmp_path_factory, teacher_file) -> Callable[[str], Path]:
+def distilled(tmp_path_factory, demo_teacher) -> Callable[[str], Path]:
     """Run directory of a one-epoch distillation with ``method``, run once per session."""
     out = tmp_path_factory.mktemp("methods")
     done: dict[str, Path] = {}
 
     def run(method: str) -> Path:
         if method not in done:
-            assert _distill(method, out, teacher_file) == 0
+            assert _distill(method, out, demo_teacher) == 0
             done[method] = out / f"demo_{method}"
         return done[method]
 
@@ -181,7 +171,7 @@ def test_teacher_terms_are_refused_without_a_teacher(kind):
 
 def test_unknown_kind_on_the_command_line_is_a_one_line_error(tmp_path, capsys):
     rc = main(
-        ["distill", str(DEMO / "dkd.yaml"), "--dry-run", *_sets(*NO_TEACHER, "loss.1.kind=dkdd")]
+        ["distill", str(DEMO / "dkd.yaml"), "--dry-run", *sets(*NO_TEACHER, "loss.1.kind=dkdd")]
     )
     assert rc == 2
     err = capsys.readouterr().err
@@ -190,7 +180,7 @@ def test_unknown_kind_on_the_command_line_is_a_one_line_error(tmp_path, capsys):
 
 def test_fitnet_stage_out_of_range_is_a_user_error(capsys):
     rc = main(
-        ["distill", str(DEMO / "fitnet.yaml"), "--dry-run", *_sets(*NO_TEACHER, "loss.1.stage=9")]
+        ["distill", str(DEMO / "fitnet.yaml"), "--dry-run", *sets(*NO_TEACHER, "loss.1.stage=9")]
     )
     assert rc == 2
     assert "index 9 is out of range; valid: -4..3" in capsys.readouterr().err

@@ -343,6 +343,17 @@ def test_pickle_with_code_as_last_checkpoint_is_refused_not_run(stopped_run, tmp
     assert not marker.exists()
 
 
+def test_a_weights_file_as_last_checkpoint_is_refused_and_kept(stopped_run, tmp_path, capsys):
+    """A plain state dict saved as last.pt (e.g. a model's weights copied over it) has no
+    training state: resume refuses it by its missing format tag, and leaves it as it was."""
+    run = _copy(stopped_run, tmp_path)
+    torch.save({"epoch": 1, "weights": torch.ones(3)}, run / "last.pt")
+    before = (run / "last.pt").read_bytes()
+    line = _one_line_exit_2(_resume(tmp_path), capsys)
+    assert f"{run / 'last.pt'} is not a normkd training checkpoint" in line
+    assert (run / "last.pt").read_bytes() == before
+
+
 def test_resume_with_another_recipe_is_refused(stopped_run, tmp_path, capsys):
     run = _copy(stopped_run, tmp_path)
     before = (run / "last.pt").read_bytes()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
 
@@ -26,7 +27,7 @@ from normkd.config import Recipe, recipe_from_dict
 from normkd.distiller import Distiller
 from normkd.engine.checkpoint import load_checkpoint
 from normkd.losses import dkd_parts, kd_loss, ramp_weight
-from normkd.models import capture, create_model, get_taps
+from normkd.models import capture, create_model, get_taps, load_weights
 from normkd.norm import norm_loss
 from support import build_job
 
@@ -332,3 +333,34 @@ def test_distill_api_hands_crd_the_datasets_own_indices(tmp_path: Path) -> None:
         assert changed == list(subset), name
         norms = bank[list(subset)].norm(dim=1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), name
+
+
+def test_the_teacher_stays_frozen_in_eval_mode_while_the_student_trains(demo_teacher: Path) -> None:
+    """``distiller.train()`` leaves the teacher in eval mode: its BatchNorm uses (and never
+    updates) its running statistics, so its logits are those of the saved teacher."""
+    recipe = _recipe([{"kind": "ce"}, {"kind": "kd"}])
+    recipe.teacher.model, recipe.teacher.weights = "resnet8", demo_teacher
+    d, (x, y, idx) = build_from_recipe(recipe)
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    d.train()
+    assert not d.teacher.training and d.student.training
+    d(x, y, idx, 0)
+    after = d.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    saved = create_model("resnet8", num_classes=10).eval()
+    load_weights(saved, demo_teacher)
+    with torch.no_grad():
+        torch.testing.assert_close(d.teacher(x), saved(x), rtol=0, atol=0)
+
+
+def test_recipe_weight_files_reach_teacher_and_student(demo_teacher: Path) -> None:
+    """``teacher.weights`` and ``student.weights`` are loaded into the models the run trains."""
+    recipe = _recipe([{"kind": "ce"}, {"kind": "kd"}], student="resnet8")
+    recipe.teacher.model, recipe.teacher.weights = "resnet8", demo_teacher
+    recipe.student.weights = demo_teacher  # start the student from the same checkpoint
+    d, _batch = build_from_recipe(recipe)
+    saved = load_file(demo_teacher)
+    for model in (d.teacher, d.student):
+        state = model.state_dict()
+        assert set(state) == set(saved)
+        assert all(torch.equal(state[k], saved[k]) for k in saved)

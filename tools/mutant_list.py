@@ -396,8 +396,8 @@ MUTANTS: list[Mutant] = [
         "eval-train-mode",
         ST,
         "evaluation in train mode (BatchNorm batch statistics)",
-        "    was = model.training\n    model.eval()\n    n = correct1",
-        "    was = model.training\n    n = correct1",
+        "    with eval_mode(model):\n        for x, y, _idx in loader:",
+        "    if True:\n        for x, y, _idx in loader:",
         ("tests/engine/test_trainer.py",),
     ),
     # ------------------------------------------------------------------ engine helpers

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkd.models.taps import TapSpec, get_module, get_taps
+from normkd.models.taps import TapSpec, eval_mode, get_module, get_taps
 
 __all__ = [
     "FTStudent",
@@ -285,24 +285,22 @@ def check_linear_head(
     def on_head(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         got.append(args[0].detach().double())
 
-    was = model.training
-    model.eval()
     h1 = feat_mod.register_forward_hook(on_feat)
     h2 = head.register_forward_pre_hook(on_head)
     try:
-        model(x)
-        gen = torch.Generator().manual_seed(0)
-        a, b = (torch.randn(shape[0], generator=gen).to(x) for _ in range(2))
-        outs = []
-        for m in (a, b, (a + b) / 2):
-            replace[0] = m
-            got.clear()
+        with eval_mode(model):
             model(x)
-            outs.append(got[-1])
+            gen = torch.Generator().manual_seed(0)
+            a, b = (torch.randn(shape[0], generator=gen).to(x) for _ in range(2))
+            outs = []
+            for m in (a, b, (a + b) / 2):
+                replace[0] = m
+                got.clear()
+                model(x)
+                outs.append(got[-1])
     finally:
         h1.remove()
         h2.remove()
-        model.train(was)
     ga, gb, gm = outs
     err = float((gm - (ga + gb) / 2).abs().max())
     scale = float(torch.stack([ga.abs().max(), gb.abs().max()]).max()) + 1e-6
@@ -354,11 +352,5 @@ def merge_ft(s_ft: FTStudent) -> nn.Module:
 @torch.no_grad()
 def max_logit_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     """Largest absolute logit difference between two models on ``x`` (both in eval mode)."""
-    modes = a.training, b.training
-    a.eval()
-    b.eval()
-    try:
+    with eval_mode(a, b):
         return float((a(x).float() - b(x).float()).abs().max())
-    finally:
-        a.train(modes[0])
-        b.train(modes[1])

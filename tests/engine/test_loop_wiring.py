@@ -109,6 +109,25 @@ def norm_run(tmp_path_factory, demo_teacher) -> tuple[Path, object]:
     return out / "demo_norm", result
 
 
+def test_resume_carries_the_best_so_far_and_drops_rows_it_redoes(norm_run, tmp_path):
+    """A resumed run ends with the uninterrupted run's best (top-1 and epoch) although its own
+    epochs after the resume are worse, and metrics.csv keeps only the epochs the checkpoint
+    holds: rows written after it (a kill between the CSV row and the checkpoint) are redone."""
+    run_dir, full = norm_run
+    recipe = load_recipe(run_dir / "config.yaml", [f"engine.out_dir={tmp_path}"])
+    run_recipe(recipe, stop_after_epoch=full.best_epoch + 1)
+    part = tmp_path / "demo_norm"
+    held = (part / "last.pt").read_bytes()  # the checkpoint right after the best epoch
+    run_recipe(recipe, resume=True, stop_after_epoch=full.best_epoch + 2)
+    (part / "last.pt").write_bytes(held)  # as if killed after the next row, before its ckpt
+    resumed = run_recipe(recipe, resume=True)
+    assert (resumed.best_top1, resumed.best_epoch) == (full.best_top1, full.best_epoch)
+    assert resumed.final_top1 == full.final_top1
+    rows = _rows(part)
+    assert [int(r["epoch"]) for r in rows] == list(range(8))
+    assert [r["best_top1"] for r in rows] == [r["best_top1"] for r in _rows(run_dir)]
+
+
 # ---- 1. reshuffling every epoch -------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ import torch
 from normkd.losses.base import StepState, Taps
 from normkd.losses.norm import NORMLoss
 from normkd.norm import norm_loss
+from support import DEMO, sets
 
 
 def test_all_stages_loss_is_last_stage_plus_each_inner_pair_deepest_first():
@@ -37,44 +38,20 @@ def test_last_stage_term_has_no_heads_and_reads_only_the_last_map():
     assert len(term.heads) == 0 and term.teacher_taps == {"feat"}
 
 
-def test_all_stages_trains_through_the_cli_and_deploys_plain(tmp_path):
-    from pathlib import Path
-
+def test_all_stages_trains_through_the_cli_and_deploys_plain(tmp_path, demo_teacher):
     from normkd.cli import main
     from normkd.engine.checkpoint import load_checkpoint, load_model_file
 
-    demo = Path(__file__).resolve().parents[2] / "configs" / "demo"
-    sets = [
+    over = [
         "data.n_train=100",
         "optim.epochs=1",
         "engine.device=cpu",
         "teacher.model=resnet8",
-        "teacher.weights=null",
+        f"teacher.weights={demo_teacher}",
         "loss.1.stages=all",
     ]
-    args = ["distill", str(demo / "norm.yaml"), "--out-dir", str(tmp_path), "--quiet"]
-    # A random teacher is enough to check the wiring; dry-run allows it, so train it first.
-    assert (
-        main(
-            [
-                "train",
-                str(demo / "teacher.yaml"),
-                "--out-dir",
-                str(tmp_path),
-                "--quiet",
-                "--set",
-                "student.model=resnet8",
-                "--set",
-                "optim.epochs=1",
-                "--set",
-                "data.n_train=100",
-            ]
-        )
-        == 0
-    )
-    teacher = tmp_path / "demo_teacher" / "model.safetensors"
-    sets[4] = f"teacher.weights={teacher}"
-    assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    args = ["distill", str(DEMO / "norm.yaml"), "--out-dir", str(tmp_path), "--quiet"]
+    assert main([*args, *sets(*over)]) == 0
     state = load_checkpoint(tmp_path / "demo_norm" / "last.pt")["distiller"]
     heads = [k for k in state if k.startswith("terms.norm.heads.")]
     assert len(heads) > 0  # the inner-stage heads were trained and saved with the run

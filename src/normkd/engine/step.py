@@ -16,6 +16,7 @@ from torch import nn
 
 from normkd.engine.runtime import Runtime, autocast
 from normkd.errors import UserError
+from normkd.models.taps import eval_mode
 
 if TYPE_CHECKING:
     from normkd.engine.job import Job
@@ -105,11 +106,9 @@ def evaluate(
 
     ``ranks``: the loader is this rank's shard of the test set; counts are summed over ranks.
     """
-    was = model.training
-    model.eval()
     n = correct1 = correct5 = 0
     loss_sum = 0.0
-    try:
+    with eval_mode(model):
         for x, y, _idx in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
@@ -121,8 +120,6 @@ def evaluate(
             correct1 += int(hit[:, 0].sum())
             correct5 += int(hit.any(dim=1).sum())
             n += y.numel()
-    finally:
-        model.train(was)
     if ranks is not None:
         c = ranks.sum({"n": n, "c1": correct1, "c5": correct5, "loss": loss_sum})
         n, correct1, correct5, loss_sum = c["n"], c["c1"], c["c5"], c["loss"]

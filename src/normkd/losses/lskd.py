@@ -17,8 +17,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import PositiveFloat
 
-from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
-from normkd.losses.kd import kd_loss
+from normkd.losses.base import BuildContext, LossTerm, StepState, register_term
+from normkd.losses.kd import KDLoss, KDTerm, kd_loss
 
 EPS = 1e-7
 
@@ -34,15 +34,13 @@ def lskd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float
     return kd_loss(zscore(s_logits), zscore(t_logits.detach()), temperature)
 
 
-class LSKDLoss(LossTerm):
+class LSKDLoss(KDLoss):
     """KD on logits standardised per sample, each model with its own mean and deviation."""
 
     kind = "lskd"
-    teacher_taps = frozenset({"logits"})
 
     def __init__(self, temperature: float = 2.0) -> None:
-        super().__init__()
-        self.temperature = temperature
+        super().__init__(temperature)
 
     def forward(self, state: StepState) -> torch.Tensor:
         assert state.teacher is not None
@@ -50,10 +48,10 @@ class LSKDLoss(LossTerm):
 
 
 @register_term
-class LSKDTerm(TermConfig):
+class LSKDTerm(KDTerm):
     """Logit-standardised KD: z-scored logits, then Hinton KD at ``temperature``."""
 
-    kind: Literal["lskd"] = "lskd"
+    kind: Literal["lskd"] = "lskd"  # type: ignore[assignment]
     temperature: PositiveFloat = 2.0
     term: ClassVar[type[LossTerm]] = LSKDLoss
     label: ClassVar[str] = "LSKD"

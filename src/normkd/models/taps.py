@@ -92,12 +92,10 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
         m.register_forward_hook(lambda mod, _i, out: calls.append((names[mod], mod, out)))
         for m in model.modules()
     ]
-    was_training = model.training
-    model.eval()
     try:
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
 

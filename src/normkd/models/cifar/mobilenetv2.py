@@ -6,11 +6,10 @@ Module names and shapes mirror the published RepDistiller / mdistiller CIFAR-100
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from normkd.models.init import init_weights
 from normkd.models.registry import register_model
 from normkd.models.taps import TapSpec
 
@@ -104,18 +103,7 @@ class MobileNetV2(nn.Module):
 
     def _init_weights(self) -> None:
         """Reference init: He-normal (fan-out) convs, unit BN, N(0, 0.01) classifier."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv="fan_out", linear="normal")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits; ``conv2``'s output goes straight to pooling so it can be tapped."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normkd.models.init import init_weights
 from normkd.models.registry import register_model
 from normkd.models.taps import TapSpec
 
@@ -71,12 +72,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv="kaiming")
 
         self.tap_spec = TapSpec(
             feat="layer3",

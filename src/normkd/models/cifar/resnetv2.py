@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from normkd.models.init import init_weights
 from normkd.models.registry import register_model
 from normkd.models.taps import TapSpec
 
@@ -82,12 +83,7 @@ class ResNetV2(nn.Module):
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         """Reference init: He-normal (fan-out) convs, unit BN; Linear keeps the PyTorch default."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv="kaiming", norms=(nn.BatchNorm2d, nn.GroupNorm))
         if zero_init_residual:
             # Each block then starts as the identity (Goyal et al., 2017).
             for m in self.modules():

@@ -7,12 +7,11 @@ State-dict keys follow the published CRD-family teachers: ``conv1``, ``blockK.la
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normkd.models.init import init_weights
 from normkd.models.registry import register_model
 from normkd.models.taps import TapSpec
 
@@ -97,16 +96,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # N(0, sqrt(2 / (k*k*out))), i.e. Kaiming normal in fan-out mode.
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv="fan_out", linear="zero_bias")  # its convs have no bias
 
         # Stage maps are those RepDistiller returns (stem conv, block1, block2; block outputs are
         # pre-activation sums), except the last, which is the post-BN-ReLU map pooling reads.
