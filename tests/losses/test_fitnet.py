@@ -87,3 +87,20 @@ def test_fitnet_gradients_reach_student_and_regressor_not_teacher(zoo_step, chec
 def test_out_of_range_stage_names_the_valid_indices(zoo_step):
     with pytest.raises(ConfigError, match=r"index 4 is out of range; valid: -4\.\.3"):
         zoo_step([{"kind": "fitnet", "stage": 4}])
+
+
+def test_teacher_stage_picks_the_teachers_map_and_stage_the_students():
+    """With ``teacher_stage`` set, the student's ``stage`` is regressed onto the teacher's
+    ``teacher_stage`` (another index), not onto the teacher's map at the student's index."""
+    term = FitNetLoss((4, 4, 4), (4, 4, 4), stage=0, teacher_stage=1).double().eval()
+    s = [torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64)]
+    t = [torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64)]
+    state = StepState(
+        torch.zeros(2), torch.zeros(2), torch.arange(2), 0, Taps(stages=s), Taps(stages=t)
+    )
+    with torch.no_grad():
+        regressed = term.regressor(s[0])
+        want = F.mse_loss(regressed, t[1])
+        other = F.mse_loss(regressed, t[0])
+        got = term(state)
+    assert torch.allclose(got, want, rtol=1e-12) and not torch.allclose(got, other)
