@@ -105,19 +105,22 @@ def run_one(m: Mutant, root: Path, pristine: Path, quick: bool, timeout: float) 
     err = _apply(m, copy_src, pristine)
     if err is not None:
         return Outcome(m.name, "error", err, 0.0)
-    tests = list(m.tests) + ([] if quick else ["tests"])
     env = dict(os.environ, PYTHONPATH=str(copy_src), OMP_WAIT_POLICY="PASSIVE")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    # Own files first (pytest would fold them into "tests" in directory order), then the rest.
+    stages = [list(m.tests)] + ([] if quick else [["tests"]])
+    status, by = "survived", ""
     try:
-        proc = subprocess.run(
-            cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
-        )
-        if proc.returncode == 0:
-            status, by = "survived", ""
-        elif proc.returncode in (1, 2):  # failing tests, or a module that no longer imports
-            status, by = "killed", _first_failure(proc.stdout)
-        else:
-            status, by = "error", f"pytest exit {proc.returncode}: {proc.stdout[-300:]}"
+        for tests in stages:
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+            proc = subprocess.run(
+                cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+            )
+            if proc.returncode in (1, 2):  # failing tests, or a module that no longer imports
+                status, by = "killed", _first_failure(proc.stdout)
+                break
+            if proc.returncode != 0:
+                status, by = "error", f"pytest exit {proc.returncode}: {proc.stdout[-300:]}"
+                break
     except subprocess.TimeoutExpired:
         status, by = "timeout", f"no result within {timeout:.0f} s (counted as killed: a hang)"
     finally:
