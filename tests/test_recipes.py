@@ -18,7 +18,8 @@ from normkd.config import Recipe, load_recipe
 CONFIGS = Path(normkd.__file__).parent / "configs"
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
 METHODS = {"vanilla", "kd", "norm", "norm_kd", "norm_authors", "crd", "dkd", "norm_crd", "norm_dkd"}
-CIFAR_METHODS = METHODS | {"fitnet", "at"}  # the CRD benchmark's feature baselines
+# the CRD benchmark's feature baselines, and NORM+KD as the authors' code runs it
+CIFAR_METHODS = METHODS | {"fitnet", "at", "norm_kd_authors"}
 
 CIFAR = CONFIGS / "cifar100"
 CIFAR_PAIRS = {
@@ -35,12 +36,16 @@ CIFAR_PAIRS = {
     ("resnet32x4", "ShuffleV2"),
     ("wrn_40_2", "ShuffleV1"),
 }
+# normkd's own CPU-sized pair (not in the paper), set up like resnet56 -> resnet20.
+OWN_PAIRS = {("resnet20", "resnet8")}
+CIFAR_PAIRS |= OWN_PAIRS
 CIFAR_TEACHERS = {t for t, _ in CIFAR_PAIRS}
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01 in the CRD benchmark
 # DKD beta per pair: mdistiller configs/cifar100/dkd/*.yaml (8 = its cfg.py default; ResNet50 ->
 # vgg8 has no mdistiller config and keeps the default).
 CIFAR_DKD_BETA = {
     ("resnet56", "resnet20"): 2.0,
+    ("resnet20", "resnet8"): 2.0,  # normkd's own pair: as its nearest paper pair
     ("resnet110", "resnet32"): 2.0,
     ("vgg13", "vgg8"): 6.0,
     ("vgg13", "MobileNetV2"): 6.0,
@@ -168,6 +173,11 @@ def test_cifar_pair_settings(d: Path) -> None:
     assert authors.logit_standardization.enabled and authors.logit_standardization.scale == 2.5
     assert set(_terms(authors)) == {"ce", "norm"}  # alpha = 0 in the authors' scripts
     assert _terms(authors)["ce"].weight in {0.0625, 0.1, 0.125, 0.25, 0.5}
+    # NORM+KD the authors' way: norm_authors.yaml plus a KD term at T = 4, standardised too.
+    both = r["norm_kd_authors"]
+    assert both.logit_standardization == authors.logit_standardization
+    assert _terms(both)["ce"] == _terms(authors)["ce"] and both.norm == authors.norm
+    assert set(_terms(both)) == {"ce", "kd", "norm"} and _terms(both)["kd"].temperature == 4.0
 
 
 def _check_crd_dkd(r: dict[str, Recipe], alpha: float, beta: float, t: float, warmup: int) -> None:

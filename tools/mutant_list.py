@@ -181,7 +181,7 @@ MUTANTS: list[Mutant] = [
         "optimizer weight decay from the recipe ignored",
         "weight_decay=cfg.weight_decay,",
         "weight_decay=0.0,",
-        T_LOOP,
+        ("tests/engine/test_loop_wiring.py",),
     ),
     Mutant(
         "build-momentum",
@@ -213,7 +213,7 @@ MUTANTS: list[Mutant] = [
         "student weights file never loaded",
         'student = _create("student", recipe.student, data.num_classes)',
         'student = _create("student", recipe.student, data.num_classes, None)',
-        ("tests/test_errors.py",),
+        ("tests/test_wiring_terms.py",),
     ),
     Mutant(
         "build-digits-augment",

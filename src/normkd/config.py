@@ -50,6 +50,8 @@ class DataCfg(Strict):
     augment: bool = True
     n_train: PositiveInt = 1000  # digits: size of the seeded train split (the rest is test)
     split_seed: int = 0
+    # digits / cifar100: train and test on a seeded random part of each (smoke runs); 1 = all
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
 class ModelCfg(Strict):

@@ -301,6 +301,19 @@ def test_linear_lr_scaling_reaches_the_optimizer(vanilla_run):
         assert float(r["lr"]) == pytest.approx(lr_at(o, epoch, steps - 1, steps) * scale, rel=1e-5)
 
 
+def test_optimizer_settings_reach_the_optimizer(vanilla_run):
+    """The SGD the run steps has the recipe's weight decay, momentum and nesterov flag."""
+    recipe = load_recipe(vanilla_run / "config.yaml")
+    group = load_checkpoint(vanilla_run / "last.pt")["optimizer"]["param_groups"][0]
+    o = recipe.optim
+    assert o.weight_decay > 0 and o.momentum > 0
+    assert (group["weight_decay"], group["momentum"], group["nesterov"]) == (
+        o.weight_decay,
+        o.momentum,
+        o.nesterov,
+    )
+
+
 # ---- 6. bf16 autocast on CPU ----------------------------------------------------------------
 
 

@@ -90,8 +90,10 @@ def _split(cfg: DataCfg) -> Split:
 
     if cfg.kind == "cifar100":
         assert cfg.root is not None
-        return load_cifar100(cfg.root)
-    return load_digits_split(seed=cfg.split_seed, n_train=cfg.n_train)
+        split = load_cifar100(cfg.root)
+    else:
+        split = load_digits_split(seed=cfg.split_seed, n_train=cfg.n_train)
+    return split.subset(cfg.fraction, cfg.split_seed)
 
 
 def _augment(cfg: DataCfg) -> Augment | None:

@@ -45,6 +45,24 @@ class Split:
         if len(self.mean) != channels or len(self.std) != channels:
             raise DataError(f"mean/std need {channels} values, got {self.mean} / {self.std}")
 
+    def subset(self, fraction: float, seed: int) -> Split:
+        """A seeded random ``fraction`` of train and of test (at least one image each), in
+        their original order; mean/std stay those of the whole set (smoke runs)."""
+        if fraction >= 1.0:
+            return self
+        g = torch.Generator().manual_seed(seed)
+
+        def pick(n: int) -> Tensor:
+            keep = max(1, round(n * fraction))
+            return torch.randperm(n, generator=g)[:keep].sort().values
+
+        tr, te = pick(len(self.x_train)), pick(len(self.x_test))
+        info = self.info | {"fraction": fraction, "n_train": len(tr), "n_test": len(te)}
+        return Split(
+            self.x_train[tr], self.y_train[tr], self.x_test[te], self.y_test[te],
+            self.num_classes, self.mean, self.std, info,
+        )  # fmt: skip
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image, what a model constructor needs to know."""
