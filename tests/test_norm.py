@@ -150,3 +150,18 @@ def test_attach_twice_and_merge_of_plain_model_are_refused():
         attach_ft(s_ft, teacher_channels=8, n=1)
     with pytest.raises(TypeError, match="attach_ft"):
         merge_ft(torchvision.models.resnet18(num_classes=3))
+
+
+def test_ft_convs_start_from_the_authors_kaiming_fan_out_init():
+    """The authors' init loop draws FT's convs N(0, 2 / fan_out) (fan_out = out channels of a
+    1x1 conv); PyTorch's default (init="pytorch") is ~7x smaller for the contract conv here."""
+    torch.manual_seed(0)
+    ft = FeatureTransform(64, 64, 8)  # expand 64 -> 512, contract 512 -> 64
+    for conv in (ft.expand[0], ft.contract[0]):
+        want = (2.0 / conv.out_channels) ** 0.5
+        assert abs(float(conv.weight.detach().std()) / want - 1) < 0.05
+    old = FeatureTransform(64, 64, 8, init="pytorch")
+    ratio = float(ft.contract[0].weight.detach().std() / old.contract[0].weight.detach().std())
+    assert 5 < ratio < 9
+    with pytest.raises(ValueError, match="init must be"):
+        FeatureTransform(4, 4, 2, init="xavier")

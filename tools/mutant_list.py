@@ -163,8 +163,8 @@ MUTANTS: list[Mutant] = [
         "build-ft-bn-residual",
         J,
         "FT bn/residual settings ignored",
-        "bn=norm.bn, residual=norm.residual",
-        "bn=True, residual=True",
+        "norm.n, norm.bn, norm.residual, example, norm.init",
+        "norm.n, True, True, example, norm.init",
         T_DDP,
     ),
     Mutant(
@@ -537,6 +537,14 @@ MUTANTS: list[Mutant] = [
         "f_t = state.teacher.stages[self.teacher_stage].detach()",
         "f_t = state.teacher.stages[self.stage].detach()",
         T_TERMS,
+    ),
+    Mutant(
+        "ft-default-init",
+        "normkd/norm.py",
+        "FT keeps PyTorch's conv init, not the authors' Kaiming fan-out",
+        '        if init == "authors":\n',
+        "        if False:\n",
+        ("tests/test_norm.py",),
     ),
     Mutant(
         "norm-loss-times-n",

@@ -190,7 +190,7 @@ def _with_ft(
     example = torch.zeros(2, *in_shape, device=param.device)
     try:
         return attach_ft(
-            student, t_shapes.feat[0], norm.n, bn=norm.bn, residual=norm.residual, example=example
+            student, t_shapes.feat[0], norm.n, norm.bn, norm.residual, example, norm.init
         )
     except ValueError as err:
         raise ConfigError(f"student {names[0]} cannot take NORM's FT: {err}") from None

@@ -102,6 +102,8 @@ class NormTerm(TermConfig):
     # last: the paper (FT after the last conv map). all: also match inner stages, deepest first,
     # through training-only expand heads (the authors' ImageNet option, see NORMLoss).
     stages: Literal["last", "all"] = "last"
+    # FT's conv init: the authors' Kaiming normal (fan_out), or PyTorch's default (normkd <= 0.1)
+    init: Literal["authors", "pytorch"] = "authors"
     term: ClassVar[type[LossTerm]] = NORMLoss
     label: ClassVar[str] = "NORM"
 
