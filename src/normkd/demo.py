@@ -81,30 +81,27 @@ def run_demo(
 
 
 def _table(sweep: Sweep, n_seeds: int) -> str:
+    """Mean ± std over seeds; a paired Δ vs vanilla only when there are several seeds (one
+    undertrained seed supports no difference)."""
     results, teacher = sweep.runs, sweep.teacher
-    base = results.get("vanilla")
-    rows = [
-        "| method | test top-1 % (final) | best-epoch top-1 % | Δ vs vanilla | deployed params "
-        "| s / run |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    base = results.get("vanilla") if n_seeds > 1 else None
+    head = ["method", "test top-1 % (final)", "best-epoch top-1 %"]
+    head += ["Δ vs vanilla"] if base else []
+    head += ["deployed params", "s / run"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method, runs in results.items():
-        final = [r.final_top1 for r in runs]
-        best = [r.best_top1 for r in runs]
-        if base and method != "vanilla":
+        cells = [method_label(method), _fmt([r.final_top1 for r in runs])]
+        cells.append(_fmt([r.best_top1 for r in runs]))
+        if base:
             paired = [r.final_top1 - b.final_top1 for r, b in zip(runs, base)]
-            delta = f"{statistics.mean(paired):+.2f}"
-        else:
-            delta = "—"
+            cells.append("—" if method == "vanilla" else f"{statistics.mean(paired):+.2f}")
         secs = statistics.mean(r.seconds for r in runs)
-        rows.append(
-            f"| {method_label(method)} | {_fmt(final)} | {_fmt(best)} | {delta} "
-            f"| {runs[0].params:,} | {secs:.1f} |"
-        )
-    rows.append(
-        f"| teacher | {teacher.final_top1:.2f} | {teacher.best_top1:.2f} | | {teacher.params:,} "
-        f"| {teacher.seconds:.1f} |"
-    )
+        cells += [f"{runs[0].params:,}", f"{secs:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    cells = ["teacher", f"{teacher.final_top1:.2f}", f"{teacher.best_top1:.2f}"]
+    cells += [""] if base else []
+    cells += [f"{teacher.params:,}", f"{teacher.seconds:.1f}"]
+    rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -121,11 +118,12 @@ def _plot(results: dict[str, list[RunResult]], path: Path) -> None:
         statistics.stdev([r.final_top1 for r in runs]) if len(runs) > 1 else 0.0
         for runs in results.values()
     ]
-    ax1.bar(names, means, yerr=errs, capsize=4, color="tab:blue")
+    several = any(len(runs) > 1 for runs in results.values())  # no zero-width error bars
+    ax1.bar(names, means, yerr=errs if several else None, capsize=4, color="tab:blue")
     lo = min(means) - max([*errs, 0.0]) - 2
     ax1.set_ylim(max(lo, 0), 100)
     ax1.set_ylabel("test top-1 (%)")
-    ax1.set_title("final accuracy (mean ± std over seeds)")
+    ax1.set_title("final accuracy (mean ± std over seeds)" if several else "final accuracy")
     ax1.tick_params(axis="x", rotation=20)
     for label, runs in zip(names, results.values()):
         curves: list[list[Any]] = [[h["test_top1"] for h in r.history] for r in runs]
