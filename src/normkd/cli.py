@@ -1,7 +1,8 @@
 """``normkd`` command line: demo | train | distill | reproduce | eval | merge | export | list-models.
 
-Exit codes: 0 success; 2 user error (bad recipe, missing data, bad checkpoint) or Ctrl-C, reported
-as one line without a traceback (after Ctrl-C the line says where to resume from). A traceback
+Exit codes: 0 success; 2 user error (bad recipe, missing data, bad checkpoint), another process
+writing the run directory, or Ctrl-C; 143 after SIGTERM. Each is one line without a traceback
+(after Ctrl-C or SIGTERM the line says what last.pt holds and how to resume). A traceback
 means a bug in normkd. docs/errors.md lists the bad inputs and what each gets.
 """
 
@@ -304,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"normkd: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # the trainer's TrainingInterrupted says what is saved
+    except KeyboardInterrupt as err:  # the engine's TrainingInterrupted says what is saved
         print(f"normkd: {_one_line(err) or 'interrupted'}", file=sys.stderr)
-        return 2
+        return int(getattr(err, "exit_code", 2))  # 143 after SIGTERM
 
 
 def _one_line(err: BaseException) -> str:

@@ -87,17 +87,22 @@ def reference(tmp_path_factory) -> Path:
     return out / RUN / "last.pt"
 
 
-def test_ctrl_c_saves_says_where_to_resume_and_exits_2(tmp_path, reference):
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, 2), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_ctrl_c_or_sigterm_saves_says_where_to_resume_and_exits(tmp_path, reference, sig, code):
+    """Ctrl-C exits 2, SIGTERM (what SLURM / Kubernetes send) 143 = 128 + 15; both leave whole
+    files, say what last.pt holds, and the resumed run ends bit-identical."""
     out = tmp_path / "runs"
     out.mkdir()
     proc = _start(out)
     last = out / RUN / "last.pt"
     _wait_for_first_checkpoint(proc, last)
     time.sleep(0.05)  # into the next epoch
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
 
-    assert proc.returncode == 2, stderr
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from normkd.losses import CRDLoss, StepState, Taps, nce_loss
+from normkd.losses import CRDLoss, StepState, Taps, crd, nce_loss
 from normkd.losses.crd import CRDTerm
 
 
@@ -107,8 +107,97 @@ def test_negatives_come_from_other_classes_when_labels_are_given():
     assert set(many.flatten().tolist()) == set(torch.nonzero(labels != 0).flatten().tolist())
 
 
-def test_negatives_follow_the_global_rng():
-    term = CRDLoss(5, 7, dataset_size=100, nce_k=20)
+# (dataset size, nce_k, number of classes or None): the top-k-of-random-keys path (fewer than
+# _SPARSE * nce_k allowed rows) and the redraw-the-repeats path, each with and without labels.
+_PATHS = {
+    "keys-any": (200, 50, None),
+    "keys-other-classes": (300, 150, 3),
+    "redraw-any": (2000, 20, None),
+    "redraw-other-classes": (3000, 100, 10),
+}
+
+
+def _term(n: int, k: int, classes: int | None) -> CRDLoss:
+    labels = None if classes is None else torch.arange(n) % classes
+    term = CRDLoss(5, 7, dataset_size=n, nce_k=k, labels=labels)
+    allowed = n - 1 if classes is None else n - n // classes
+    assert term.nce_k == k and term._min_count == allowed
+    return term
+
+
+@pytest.mark.parametrize("path", _PATHS)
+def test_each_anchors_negatives_are_distinct_and_never_its_own_row_or_class(path):
+    n, k, classes = _PATHS[path]
+    term = _term(n, k, classes)
+    assert (term._min_count >= crd._SPARSE * k) == path.startswith("redraw")
+    torch.manual_seed(0)
+    idx = torch.randint(0, n, (300,))
+    neg = term.sample_negatives(idx)
+    assert neg.shape == (300, k) and neg.min() >= 0 and neg.max() < n
+    # With replacement, about k**2 / (2 * allowed) repeats per row: 0.1 to 56 here, so over 300
+    # rows the old sampler fails this with near certainty.
+    assert (neg.sort(1).values.diff(dim=1) != 0).all(), "a row repeats a negative"
+    assert (neg != idx[:, None]).all()
+    if classes is not None:
+        assert (neg % classes != idx[:, None] % classes).all()
+
+
+@pytest.mark.parametrize("path", _PATHS)
+def test_negatives_cover_every_allowed_row_about_evenly(path):
+    n, k, classes = _PATHS[path]
+    term = _term(n, k, classes)
+    torch.manual_seed(1)
+    draws = 40 * term._min_count // k  # each allowed row expected 40 times
+    hits = torch.bincount(
+        term.sample_negatives(torch.zeros(draws, dtype=torch.long)).flatten(), minlength=n
+    )
+    allowed = torch.ones(n, dtype=torch.bool)
+    allowed[0] = False
+    if classes is not None:
+        allowed &= torch.arange(n) % classes != 0
+    assert (hits[~allowed] == 0).all()
+    # Binomial(40 expected, sd <= 6.3): [10, 80] is beyond 4.7 sd either way for every row.
+    assert hits[allowed].min() >= 10 and hits[allowed].max() <= 80, (hits.min(), hits.max())
+
+
+def test_all_the_other_rows_when_nce_k_equals_them():
+    term = CRDLoss(5, 7, dataset_size=10, nce_k=9)
+    neg = term.sample_negatives(torch.arange(10))
+    for i, row in enumerate(neg.tolist()):
+        assert sorted(row) == [j for j in range(10) if j != i]
+
+
+def test_anchors_with_too_few_allowed_rows_draw_with_replacement_the_others_not():
+    # Class 0 (2 images) anchors may draw any of the 10 class-1 images: 5 distinct ones. Class 1
+    # anchors have only the 2 class-0 images, so their 5 negatives repeat them (as RepDistiller).
+    labels = torch.tensor([0, 0] + [1] * 10)
+    term = CRDLoss(5, 7, dataset_size=12, nce_k=5, labels=labels)
+    torch.manual_seed(2)
+    idx = torch.arange(12).repeat(20)
+    neg = term.sample_negatives(idx)
+    first = labels[idx] == 0
+    assert (labels[neg[first]] == 1).all()
+    assert all(len(set(row)) == 5 for row in neg[first].tolist())
+    assert set(neg[first].flatten().tolist()) == set(range(2, 12))
+    assert set(neg[~first].flatten().tolist()) == {0, 1}  # both, uniformly (no error raised)
+
+
+def test_chunked_keys_keep_every_guarantee(monkeypatch):
+    # A key budget of 3 rows of 299 forces the chunking that bounds memory on large sets.
+    monkeypatch.setattr(crd, "_KEY_BUDGET", 3 * 299)
+    term = _term(300, 40, None)
+    idx = torch.arange(0, 300, 3)
+    torch.manual_seed(4)
+    neg = term.sample_negatives(idx)
+    assert neg.shape == (100, 40)
+    assert (neg.sort(1).values.diff(dim=1) != 0).all() and (neg != idx[:, None]).all()
+    torch.manual_seed(4)
+    assert torch.equal(term.sample_negatives(idx), neg)
+
+
+@pytest.mark.parametrize("path", ["keys-other-classes", "redraw-any"])
+def test_negatives_follow_the_global_rng(path):
+    term = _term(*_PATHS[path])
     torch.manual_seed(3)
     a = term.sample_negatives(torch.arange(4))
     torch.manual_seed(3)

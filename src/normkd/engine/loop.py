@@ -7,7 +7,11 @@ resumed from ``last.pt`` ends bit-identical (on CPU) to one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -19,17 +23,22 @@ from normkd.config import Recipe, recipe_to_dict
 from normkd.data.build import Data
 from normkd.engine import deploy, runtime
 from normkd.engine.job import Job, assemble
-from normkd.engine.rundir import Best, RunDir, interrupt_note
+from normkd.engine.rundir import Best, RunDir, RunLock, interrupt_note
 from normkd.engine.step import EpochMeter, evaluate, train_step
 from normkd.norm import FTStudent
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during a run; the message says what is saved and how to continue.
+    """Ctrl-C (SIGINT) or SIGTERM during a run; the message says what is saved and how to go on.
 
     Checkpoints are only ever replaced whole (temp file + rename), so ``last.pt`` still holds the
     last completed epoch. Still a KeyboardInterrupt, so Python callers can handle it as usual.
+    ``exit_code``: what the CLI exits with (2 after Ctrl-C, 143 = 128 + SIGTERM after SIGTERM).
     """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -71,20 +80,50 @@ def run_recipe(
     """
     t0 = time.perf_counter()
     try:
-        with runtime.start(recipe.engine) as rt:
+        with _sigterm_as_interrupt(), runtime.start(recipe.engine) as rt:
             run = RunDir(recipe, resume=resume, overwrite=overwrite, main=rt.is_main)
-            if not dry_run:
-                run.check()
-            job = assemble(recipe, rt, student=student, teacher=teacher, data=data, dry_run=dry_run)
-            if dry_run:
-                return _dry_run(job)
-            run.open(job.data.info)
+            lock = RunLock(run.path) if rt.is_main and not dry_run else None
+            if lock is not None:
+                lock.acquire()  # before anything is read: a second writer is refused first
             try:
+                if not dry_run:
+                    run.check()
+                job = assemble(
+                    recipe, rt, student=student, teacher=teacher, data=data, dry_run=dry_run
+                )
+                if dry_run:
+                    return _dry_run(job)
+                run.open(job.data.info)
                 return fit(job, run, stop_after_epoch, t0)
             finally:
                 run.close()
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(interrupt_note(recipe, dry_run)) from None
+                if lock is not None:
+                    lock.release()
+    except KeyboardInterrupt as err:
+        raise TrainingInterrupted(
+            interrupt_note(recipe, dry_run), exit_code=143 if isinstance(err, Terminated) else 2
+        ) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers (SLURM, Kubernetes) send before they kill a job."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Stop on SIGTERM as on Ctrl-C: whole files only, and a line saying what last.pt holds."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can take signals
+        return
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fit(

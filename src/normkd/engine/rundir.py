@@ -10,10 +10,16 @@ the main process (rank 0) writes.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -42,6 +48,55 @@ RESUMABLE = ("quiet", "out_dir", "run_name")
 
 class RunExistsError(UserError):
     """The run directory already holds another run."""
+
+
+class RunLockedError(UserError):
+    """Another process is writing the run directory."""
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as one process writes it.
+
+    ``fcntl.flock`` on ``RUN_DIR/.lock``: the kernel drops it when the holder exits, however it
+    dies (kill -9 included), so a stale lock never blocks anyone. The file names the holder
+    (pid, host, start time) for the one-line refusal a second writer gets.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(
+                f"cannot write to run directory {self.path.parent}: {err.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory {self.path.parent} is being written by {holder}; wait for it to "
+                "finish or stop it (one writer at a time)"
+            ) from None
+        me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.write(fd, me.encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
 
 
 @dataclass
@@ -141,6 +196,7 @@ class RunDir:
         if not self.main:
             return
         assert self.csv is not None and self.tb is not None
+        check_finite(state, test, row["epoch"])  # a poisoned state never replaces a good one
         self.csv.append(row)
         scalars = {f"train/{k}": v for k, v in stats.items()}
         self.tb.scalars(scalars | {f"test/{k}": v for k, v in test.items()}, row["epoch"])
@@ -157,6 +213,28 @@ class RunDir:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class NonFiniteStateError(UserError):
+    """Weights, buffers or the evaluation went NaN/inf; nothing of that epoch is written."""
+
+
+def check_finite(state: dict[str, Any], test: dict[str, float], epoch: int) -> None:
+    """Raise before a checkpoint holding NaN/inf is written (e.g. BatchNorm statistics that
+    overflowed while the training loss still looked finite)."""
+    bad = [
+        k
+        for k, v in state["distiller"].items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())
+    ]
+    loss = test.get("loss", float("nan"))
+    if bad or (loss == loss and not math.isfinite(loss)):  # nan: not evaluated this epoch
+        what = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteStateError(
+            f"the model became non-finite in epoch {epoch + 1} ("
+            + (what or f"test loss {loss}")
+            + f"); stopped before writing it: last.pt still holds epoch {epoch} (try a lower lr)"
+        )
 
 
 def _num(v: Any) -> Any:

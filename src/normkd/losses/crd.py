@@ -11,11 +11,13 @@ are renormalised. Defaults: 128-d, nce_k 16384, T 0.07, momentum 0.5, weight 0.8
 ``--distill crd -a 0 -b 0.8`` with CE weight 1).
 
 Negatives are drawn with torch's global RNG (the engine re-seeds it per epoch, so a resumed run
-stays bit-identical), with replacement (RepDistiller's data loader draws without replacement
-when enough exist; on CIFAR-100 about 15% of our draws repeat), never the anchor's own row; given
-the training labels they come from other classes only (RepDistiller's default ``exact`` sampling),
-otherwise from any other image. The banks and normalisers are buffers: saved in checkpoints with
-the term, never part of the deployed student.
+stays bit-identical), never the anchor's own row; given the training labels they come from other
+classes only (RepDistiller's default ``exact`` sampling), otherwise from any other image. Like
+RepDistiller's sampler, each anchor's ``nce_k`` negatives are distinct rows (a uniform random
+subset of its allowed rows), repeats being allowed only for an anchor with fewer allowed rows than
+``nce_k`` (mdistiller's ImageNet loader always draws with replacement: at 16,384 of 1.28M rows,
+under 1% of its draws repeat). The banks and normalisers are buffers: saved in checkpoints with the term, never part
+of the deployed student.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from normkd.errors import ConfigError
 from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 
 EPS = 1e-7
+# Negatives without replacement: redraw the repeats when every anchor has at least this many times
+# nce_k allowed rows (repeats then shrink ~16-fold per round); otherwise take the top nce_k of random
+# keys over the allowed rows, for at most _KEY_BUDGET keys (64 MB of int64) at once.
+_SPARSE = 16
+_KEY_BUDGET = 2**23
 
 
 def nce_loss(scores: torch.Tensor, n_data: int) -> torch.Tensor:
@@ -46,6 +53,50 @@ def nce_loss(scores: torch.Tensor, n_data: int) -> torch.Tensor:
     log_d1 = torch.log(pos / (pos + noise + EPS))
     log_d0 = torch.log(noise / (neg + noise + EPS))
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+def _uniform(count: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, k)`` positions uniform in ``[0, count_b)`` per row, with replacement.
+
+    The modulo bias of 2**62 draws is negligible.
+    """
+    draws = torch.randint(0, 2**62, (count.shape[0], k), device=count.device)
+    return draws % count
+
+
+def _distinct_by_keys(count: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    """``(B, k)`` distinct positions in ``[0, count_b)`` per row (each ``count_b >= k``).
+
+    A row's positions are the ``k`` largest of random keys, positions past its count keyed out: a
+    uniform ``k``-subset. The keys are 63-bit integers, so ties (which ``topk`` would settle by
+    position, a bias) practically never happen. Anchors go in chunks of at most ``_KEY_BUDGET``
+    keys, bounding the memory whatever the batch and training-set sizes.
+    """
+    pos = torch.arange(width, device=count.device)
+    chunks = []
+    for c in count.split(max(1, _KEY_BUDGET // width)):
+        keys = torch.randint(0, 2**62, (c.shape[0], width), device=c.device)
+        keys.masked_fill_(pos >= c, -1)
+        chunks.append(keys.topk(k, dim=1, sorted=False).indices)
+    return torch.cat(chunks)
+
+
+def _distinct_by_redraw(count: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, k)`` distinct positions in ``[0, count_b)`` per row, in O(B k) memory.
+
+    Draw with replacement, then redraw every repeat until none is left. The rule looks only at
+    which values are equal, never at the values themselves, so the final set is a uniform
+    ``k``-subset. Meant for ``count_b >= _SPARSE * k`` (ImageNet: 16,384 of ~1.28M rows), where
+    a few rounds suffice; the number of rounds follows the RNG, so it is reproducible too.
+    """
+    u = _uniform(count, k)
+    while True:
+        u = u.sort(dim=1).values
+        repeat = torch.zeros_like(u, dtype=torch.bool)
+        repeat[:, 1:] = u[:, 1:] == u[:, :-1]
+        if not bool(repeat.any()):
+            return u
+        u = torch.where(repeat, _uniform(count, k), u)
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +113,8 @@ class CRDLoss(LossTerm):
 
     ``nce_k`` is capped at ``dataset_size - 1`` so small sets work (a 1,000-image digits split
     gets 999 negatives per anchor instead of 16,384). Pass ``labels`` (one per training image) to
-    draw negatives from other classes only.
+    draw negatives from other classes only. An anchor's negatives are distinct rows whenever it
+    has at least ``nce_k`` allowed rows.
     """
 
     kind = "crd"
@@ -113,13 +165,27 @@ class CRDLoss(LossTerm):
         self.register_buffer("neg_order", order, persistent=False)
         self.register_buffer("neg_start", start, persistent=False)
         self.register_buffer("neg_skip", skip, persistent=False)
+        # Fewest / most rows any anchor may draw from: they pick the sampling path once, here.
+        self._min_count = dataset_size - int(skip.max())
+        self._max_count = dataset_size - int(skip.min())
 
     def sample_negatives(self, idx: torch.Tensor) -> torch.Tensor:
-        """``(B, nce_k)`` bank rows for anchors ``idx``, uniform over the allowed rows."""
+        """``(B, nce_k)`` bank rows for anchors ``idx``: a uniform subset of each one's allowed rows.
+
+        Distinct rows per anchor, as RepDistiller's sampler draws them; an anchor with fewer
+        allowed rows than ``nce_k`` draws with replacement (RepDistiller does the same then).
+        Positions ``[0, count)`` index the anchor's allowed rows: ``neg_order`` minus its block.
+        """
         start, skip = self.neg_start[idx][:, None], self.neg_skip[idx][:, None]
-        count = self.n_data - skip
-        # Uniform in [0, count) per row; the modulo bias of 2**62 draws is negligible.
-        u = torch.randint(0, 2**62, (idx.shape[0], self.nce_k), device=idx.device) % count
+        count, k = self.n_data - skip, self.nce_k
+        if self._min_count >= _SPARSE * k:
+            u = _distinct_by_redraw(count, k)
+        elif self._max_count < k:
+            u = _uniform(count, k)
+        else:
+            u = _distinct_by_keys(count, k, self._max_count)
+            if self._min_count < k:  # rows too short for k distinct ones draw with replacement
+                u = torch.where(count >= k, u, _uniform(count, k))
         return self.neg_order[u + skip * (u >= start)]
 
     def embed(

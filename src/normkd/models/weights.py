@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import pickle
 import re
 import warnings
@@ -14,6 +16,10 @@ from torch import nn
 from normkd.errors import UserError
 
 _WRAPPER_KEYS = ("model", "net", "state_dict", "model_state_dict", "student")
+# RepDistiller's ``*_last.pth`` keep the run's argparse options under "opt": plain attributes only.
+_SAFE_CLASSES = (argparse.Namespace,)
+# mdistiller saves its whole DataParallel-wrapped distiller: student, teacher and the heads.
+_DISTILLER_STUDENT = "module.student."
 
 
 class CheckpointError(UserError):
@@ -24,10 +30,13 @@ def safe_torch_load(path: Path) -> object:
     """``torch.load(weights_only=True)`` with its failures as one-line CheckpointErrors.
 
     A file holding anything but tensors and plain data (e.g. a pickle that would run code) is
-    refused before any of it runs.
+    refused before any of it runs. The one class let through is ``argparse.Namespace`` (an
+    attribute bag whose contents are vetted like everything else), so RepDistiller's
+    ``*_last.pth`` load; it is allowed only for this call, never added to torch's global list.
     """
     try:
-        with warnings.catch_warnings():  # plain pickles (protocol > 2) warn on every load
+        with warnings.catch_warnings(), _allow(_SAFE_CLASSES):
+            # plain pickles (protocol > 2) warn on every load
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -43,6 +52,15 @@ def safe_torch_load(path: Path) -> object:
         ) from None
 
 
+def _allow(classes: tuple[type, ...]) -> contextlib.AbstractContextManager:
+    """torch's scoped allowlist for ``classes``, minus any the caller already allowed globally.
+
+    Leaving those out keeps the scope's exit from removing a global allowance it did not make.
+    """
+    new = [c for c in classes if c not in torch.serialization.get_safe_globals()]
+    return torch.serialization.safe_globals(new) if new else contextlib.nullcontext()
+
+
 def _first_sentence(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text.split(". ")[0][:300]
@@ -53,7 +71,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Accepts safetensors files and torch files holding a bare state_dict or one wrapped as
     ``{'model': ...}``, ``{'net': ...}`` or ``{'state_dict': ...}``. A ``module.`` prefix (from
-    DataParallel) is stripped.
+    DataParallel) is stripped. An mdistiller whole-distiller checkpoint (every key under
+    ``module.``, the student's under ``module.student.``) yields the student's entries alone.
     """
     path = Path(path)
     if not path.is_file():
@@ -67,10 +86,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
     else:
         obj = safe_torch_load(path)
-    state = _unwrap(obj, path)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    return _strip_prefixes(_unwrap(obj, path))
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DataParallel's ``module.``; of a wrapped distiller keep the student's entries.
+
+    The teacher's and the distillation heads' entries are not the student's weights, so they are
+    dropped without a word rather than reported as unexpected keys.
+    """
+    if not all(k.startswith("module.") for k in state):
+        return state
+    student = {
+        k[len(_DISTILLER_STUDENT) :]: v
+        for k, v in state.items()
+        if k.startswith(_DISTILLER_STUDENT)
+    }
+    return student or {k[len("module.") :]: v for k, v in state.items()}
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
