@@ -107,29 +107,34 @@ def test_negatives_come_from_other_classes_when_labels_are_given():
     assert set(many.flatten().tolist()) == set(torch.nonzero(labels != 0).flatten().tolist())
 
 
-# (dataset size, nce_k, number of classes or None): the top-k-of-random-keys path (fewer than
-# _SPARSE * nce_k allowed rows) and the redraw-the-repeats path, each with and without labels.
-_PATHS = {
+# name: (dataset size, nce_k, labels or None). "keys" cases have fewer than _SPARSE * nce_k allowed
+# rows per anchor (top nce_k of random keys), "redraw" ones more (repeats redrawn). Uneven classes
+# give anchors different numbers of allowed rows (150, 200 or 250 here).
+_CASES = {
     "keys-any": (200, 50, None),
-    "keys-other-classes": (300, 150, 3),
+    "keys-other-classes": (300, 150, torch.arange(300) % 3),
+    "keys-uneven-classes": (300, 100, torch.tensor([0] * 50 + [1] * 100 + [2] * 150)),
     "redraw-any": (2000, 20, None),
-    "redraw-other-classes": (3000, 100, 10),
+    "redraw-other-classes": (3000, 100, torch.arange(3000) % 10),
 }
 
 
-def _term(n: int, k: int, classes: int | None) -> CRDLoss:
-    labels = None if classes is None else torch.arange(n) % classes
+def _case(name: str) -> tuple[CRDLoss, torch.Tensor]:
+    """The case's term and its allowed-rows mask (anchor x row)."""
+    n, k, labels = _CASES[name]
     term = CRDLoss(5, 7, dataset_size=n, nce_k=k, labels=labels)
-    allowed = n - 1 if classes is None else n - n // classes
-    assert term.nce_k == k and term._min_count == allowed
-    return term
+    assert term.nce_k == k
+    assert (term._min_count >= crd._SPARSE * k) == name.startswith("redraw")
+    allowed = ~torch.eye(n, dtype=torch.bool)
+    if labels is not None:
+        allowed &= labels[:, None] != labels[None, :]
+    return term, allowed
 
 
-@pytest.mark.parametrize("path", _PATHS)
-def test_each_anchors_negatives_are_distinct_and_never_its_own_row_or_class(path):
-    n, k, classes = _PATHS[path]
-    term = _term(n, k, classes)
-    assert (term._min_count >= crd._SPARSE * k) == path.startswith("redraw")
+@pytest.mark.parametrize("name", _CASES)
+def test_each_anchors_negatives_are_distinct_and_never_its_own_row_or_class(name):
+    term, allowed = _case(name)
+    n, k, _ = _CASES[name]
     torch.manual_seed(0)
     idx = torch.randint(0, n, (300,))
     neg = term.sample_negatives(idx)
@@ -137,27 +142,36 @@ def test_each_anchors_negatives_are_distinct_and_never_its_own_row_or_class(path
     # With replacement, about k**2 / (2 * allowed) repeats per row: 0.1 to 56 here, so over 300
     # rows the old sampler fails this with near certainty.
     assert (neg.sort(1).values.diff(dim=1) != 0).all(), "a row repeats a negative"
-    assert (neg != idx[:, None]).all()
-    if classes is not None:
-        assert (neg % classes != idx[:, None] % classes).all()
+    assert allowed[idx[:, None], neg].all(), "the anchor's own row or class was drawn"
 
 
-@pytest.mark.parametrize("path", _PATHS)
-def test_negatives_cover_every_allowed_row_about_evenly(path):
-    n, k, classes = _PATHS[path]
-    term = _term(n, k, classes)
+@pytest.mark.parametrize("name", _CASES)
+def test_negatives_cover_every_allowed_row_about_evenly(name):
+    term, allowed = _case(name)
+    n, k, _ = _CASES[name]
+    anchor = int(allowed.sum(1).argmin())  # one with the fewest allowed rows
+    count = int(allowed[anchor].sum())
     torch.manual_seed(1)
-    draws = 40 * term._min_count // k  # each allowed row expected 40 times
-    hits = torch.bincount(
-        term.sample_negatives(torch.zeros(draws, dtype=torch.long)).flatten(), minlength=n
-    )
-    allowed = torch.ones(n, dtype=torch.bool)
-    allowed[0] = False
-    if classes is not None:
-        allowed &= torch.arange(n) % classes != 0
-    assert (hits[~allowed] == 0).all()
+    idx = torch.full((40 * count // k,), anchor)  # each allowed row expected 40 times
+    hits = torch.bincount(term.sample_negatives(idx).flatten(), minlength=n)
+    assert (hits[~allowed[anchor]] == 0).all()
     # Binomial(40 expected, sd <= 6.3): [10, 80] is beyond 4.7 sd either way for every row.
-    assert hits[allowed].min() >= 10 and hits[allowed].max() <= 80, (hits.min(), hits.max())
+    assert hits[allowed[anchor]].min() >= 10 and hits[allowed[anchor]].max() <= 80
+
+
+@pytest.mark.parametrize("n,k,draws", [(8, 3, 70_000), (33, 2, 200_000)])
+def test_every_subset_of_allowed_rows_is_equally_likely(n, k, draws):
+    # 8 images, 3 negatives: the keys path, 35 subsets of the other 7 expected 2,000 times each.
+    # 33 images, 2 negatives: the redraw path, 496 pairs of the other 32 expected ~403 times each.
+    term = CRDLoss(5, 7, dataset_size=n, nce_k=k)
+    assert (term._min_count >= crd._SPARSE * k) == (n == 33)
+    torch.manual_seed(5)
+    neg = term.sample_negatives(torch.zeros(draws, dtype=torch.long)).sort(1).values
+    subsets, freq = neg.unique(dim=0, return_counts=True)
+    assert len(subsets) == math.comb(n - 1, k) and (subsets != 0).all()
+    mean = draws / math.comb(n - 1, k)
+    sd = math.sqrt(mean)
+    assert (freq - mean).abs().max() <= 5 * sd, (freq.min(), freq.max(), mean)
 
 
 def test_all_the_other_rows_when_nce_k_equals_them():
@@ -179,25 +193,27 @@ def test_anchors_with_too_few_allowed_rows_draw_with_replacement_the_others_not(
     assert (labels[neg[first]] == 1).all()
     assert all(len(set(row)) == 5 for row in neg[first].tolist())
     assert set(neg[first].flatten().tolist()) == set(range(2, 12))
-    assert set(neg[~first].flatten().tolist()) == {0, 1}  # both, uniformly (no error raised)
+    assert set(neg[~first].flatten().tolist()) == {0, 1}  # only the class-0 images, both drawn
 
 
 def test_chunked_keys_keep_every_guarantee(monkeypatch):
     # A key budget of 3 rows of 299 forces the chunking that bounds memory on large sets.
     monkeypatch.setattr(crd, "_KEY_BUDGET", 3 * 299)
-    term = _term(300, 40, None)
+    term = CRDLoss(5, 7, dataset_size=300, nce_k=40)
     idx = torch.arange(0, 300, 3)
     torch.manual_seed(4)
     neg = term.sample_negatives(idx)
     assert neg.shape == (100, 40)
     assert (neg.sort(1).values.diff(dim=1) != 0).all() and (neg != idx[:, None]).all()
+    # Every chunk draws its own subsets: together 100 anchors x 40 of 299 reach every row.
+    assert len(neg.unique()) == 300
     torch.manual_seed(4)
     assert torch.equal(term.sample_negatives(idx), neg)
 
 
-@pytest.mark.parametrize("path", ["keys-other-classes", "redraw-any"])
-def test_negatives_follow_the_global_rng(path):
-    term = _term(*_PATHS[path])
+@pytest.mark.parametrize("name", ["keys-uneven-classes", "redraw-any"])
+def test_negatives_follow_the_global_rng(name):
+    term, _ = _case(name)
     torch.manual_seed(3)
     a = term.sample_negatives(torch.arange(4))
     torch.manual_seed(3)

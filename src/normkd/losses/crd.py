@@ -14,10 +14,10 @@ Negatives are drawn with torch's global RNG (the engine re-seeds it per epoch, s
 stays bit-identical), never the anchor's own row; given the training labels they come from other
 classes only (RepDistiller's default ``exact`` sampling), otherwise from any other image. Like
 RepDistiller's sampler, each anchor's ``nce_k`` negatives are distinct rows (a uniform random
-subset of its allowed rows), repeats being allowed only for an anchor with fewer allowed rows than
-``nce_k`` (mdistiller's ImageNet loader always draws with replacement: at 16,384 of 1.28M rows,
-under 1% of its draws repeat). The banks and normalisers are buffers: saved in checkpoints with the term, never part
-of the deployed student.
+subset of its allowed rows), repeats being allowed only for an anchor with fewer allowed rows
+than ``nce_k`` (mdistiller's ImageNet loader always draws with replacement: at 16,384 of 1.28M
+rows, under 1% of its draws repeat). The banks and normalisers are buffers: saved in checkpoints
+with the term, never part of the deployed student.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from normkd.errors import ConfigError
 from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 
 EPS = 1e-7
-# Negatives without replacement: redraw the repeats when every anchor has at least this many times
-# nce_k allowed rows (repeats then shrink ~16-fold per round); otherwise take the top nce_k of random
-# keys over the allowed rows, for at most _KEY_BUDGET keys (64 MB of int64) at once.
+# Negatives without replacement: redraw the repeats when every anchor has at least _SPARSE times
+# nce_k allowed rows (repeats then shrink ~16-fold per round); otherwise take the top nce_k of
+# random keys over the allowed rows, at most _KEY_BUDGET keys (64 MB of int64) at a time.
 _SPARSE = 16
 _KEY_BUDGET = 2**23
 
@@ -170,7 +170,7 @@ class CRDLoss(LossTerm):
         self._max_count = dataset_size - int(skip.min())
 
     def sample_negatives(self, idx: torch.Tensor) -> torch.Tensor:
-        """``(B, nce_k)`` bank rows for anchors ``idx``: a uniform subset of each one's allowed rows.
+        """``(B, nce_k)`` bank rows for anchors ``idx``: per anchor, a uniform subset of its rows.
 
         Distinct rows per anchor, as RepDistiller's sampler draws them; an anchor with fewer
         allowed rows than ``nce_k`` draws with replacement (RepDistiller does the same then).

@@ -7,7 +7,7 @@ import contextlib
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -52,13 +52,29 @@ def safe_torch_load(path: Path) -> object:
         ) from None
 
 
-def _allow(classes: tuple[type, ...]) -> contextlib.AbstractContextManager:
-    """torch's scoped allowlist for ``classes``, minus any the caller already allowed globally.
+@contextlib.contextmanager
+def _allow(classes: tuple[type, ...]) -> Iterator[None]:
+    """Allow ``classes`` through ``weights_only`` loads for the duration of the block only.
 
-    Leaving those out keeps the scope's exit from removing a global allowance it did not make.
+    Classes the caller already allowed globally are left out, so leaving the block does not take
+    away an allowance it did not make. torch 2.4 lacks the scoped ``safe_globals``: there the
+    global list is extended, then restored by hand.
     """
-    new = [c for c in classes if c not in torch.serialization.get_safe_globals()]
-    return torch.serialization.safe_globals(new) if new else contextlib.nullcontext()
+    ser = torch.serialization
+    new = [c for c in classes if c not in ser.get_safe_globals()]
+    if not new:
+        yield
+    elif hasattr(ser, "safe_globals"):
+        with ser.safe_globals(new):
+            yield
+    else:
+        ser.add_safe_globals(new)
+        try:
+            yield
+        finally:
+            kept = [g for g in ser.get_safe_globals() if g not in new]
+            ser.clear_safe_globals()
+            ser.add_safe_globals(kept)
 
 
 def _first_sentence(err: BaseException) -> str:
