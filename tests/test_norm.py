@@ -6,7 +6,22 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from normkd.norm import FeatureTransform, FTStudent, attach_ft, max_logit_diff, merge_ft, norm_loss
+from normkd.engine.checkpoint import load_model_file, save_model
+from normkd.models import CheckpointError, capture, create_model, load_weights
+from normkd.models.taps import TapShapes, TapSpec
+from normkd.norm import (
+    INNER_FT,
+    ExpandedMaps,
+    FeatureTransform,
+    FTStudent,
+    attach_ft,
+    attach_inner_ft,
+    inner_stage_count,
+    max_logit_diff,
+    merge_ft,
+    norm_loss,
+    restore_inner_ft,
+)
 
 
 def _n_params(m: nn.Module) -> int:
@@ -165,3 +180,130 @@ def test_ft_convs_start_from_the_authors_kaiming_fan_out_init():
     assert 5 < ratio < 9
     with pytest.raises(ValueError, match="init must be"):
         FeatureTransform(4, 4, 2, init="xavier")
+
+
+# ------------------------------------------------------------------ the authors' inner FT (layer3)
+
+
+def _layer3_student(tc: int = 16, n: int = 2, **kw) -> FTStudent:
+    """The zoo resnet18 (stages layer1..4) with FT after layer4 and the inner FT after layer3."""
+    torch.manual_seed(0)
+    s_ft = attach_ft(create_model("resnet18", num_classes=10), teacher_channels=8, n=n, **kw)
+    attach_inner_ft(s_ft, teacher_channels=tc, example=torch.zeros(2, 3, 32, 32))
+    return s_ft
+
+
+def _train_layer3(s_ft: FTStudent, steps: int = 3) -> None:
+    """SGD on both expanded maps + CE, then BN statistics re-estimated (as after an epoch)."""
+    opt = torch.optim.SGD(s_ft.parameters(), lr=0.01, momentum=0.9)
+    s_ft.train()
+    for _ in range(steps):
+        logits = s_ft(torch.randn(4, 3, 32, 32))
+        maps = s_ft.expanded
+        assert isinstance(maps, ExpandedMaps)
+        loss = F.cross_entropy(logits, torch.randint(0, 10, (4,)))
+        for m, ct in ((maps.inner, s_ft.inner.ft.teacher_channels), (maps.last, 8)):
+            loss = loss + norm_loss(m, torch.randn(4, ct, *m.shape[-2:]), s_ft.ft.n)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bns = [m for m in s_ft.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        for _ in range(4):
+            s_ft(torch.randn(4, 3, 32, 32))
+    s_ft.eval()
+
+
+def test_inner_stage_count_counts_back_from_the_stage_pooling_reads():
+    def shapes(*stages, feat):
+        return TapShapes(feat=feat, stages=stages, pooled=(feat[0],))
+
+    # the last stage is feat's own (WRN: block3 before the final BN-ReLU, same 8x8): 3 inner
+    wrn = shapes((16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8), feat=(128, 8, 8))
+    assert inner_stage_count(wrn) == 3
+    # a stage list that stops before feat's resolution: every listed stage is inner
+    assert inner_stage_count(shapes((16, 32, 32), (32, 16, 16), feat=(64, 8, 8))) == 2
+    assert inner_stage_count(shapes(feat=(64, 8, 8))) == 0
+
+
+def test_inner_ft_sits_in_the_path_after_the_stage_before_the_last():
+    s_ft = _layer3_student()
+    inner = s_ft.inner
+    assert inner is not None and inner.stage == "layer3" and inner.ft.n == 2
+    raw, fed = {}, {}
+    h1 = s_ft.student.layer3[-1].register_forward_hook(lambda m, i, o: raw.setdefault("x", o))
+    h2 = s_ft.student.layer4.register_forward_pre_hook(lambda m, a: fed.setdefault("x", a[0]))
+    s_ft.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), capture(s_ft.student, ["layer3"]) as taps:
+        before = s_ft(x)
+    h1.remove()
+    h2.remove()
+    with torch.no_grad():
+        contracted, expanded = inner.ft(raw["x"])
+    assert s_ft.expanded.inner.shape == (2, 2 * 16, 2, 2)
+    torch.testing.assert_close(s_ft.expanded.inner, expanded)
+    torch.testing.assert_close(fed["x"], contracted)  # layer4 reads the inner FT's output
+    torch.testing.assert_close(taps["layer3"], contracted)  # and so does the stages tap
+    with torch.no_grad():
+        inner.ft.contract[0].weight.mul_(3.0)
+        assert (s_ft(x) - before).abs().max() > 1e-3  # the inner FT is in the logits' path
+    assert inner.sink is None  # nothing kept outside an FTStudent forward
+
+
+@pytest.mark.parametrize("bn,residual", [(True, True), (False, False)])
+def test_last_ft_merges_exactly_and_the_inner_ft_stays(bn, residual):
+    plain = _n_params(create_model("resnet18", num_classes=10))
+    s_ft = _layer3_student(bn=bn, residual=residual)
+    _train_layer3(s_ft)
+    inner_params = _n_params(s_ft.inner)
+    merged = merge_ft(s_ft)
+    x = torch.randn(6, 3, 32, 32)
+    assert max_logit_diff(s_ft, merged, x) <= 1e-4
+    kept = getattr(merged, INNER_FT)
+    assert kept is not s_ft.inner and kept.stage == "layer3"
+    assert _n_params(merged) == plain + inner_params > plain
+    for a, b in zip(kept.parameters(), s_ft.inner.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # The merged copy's hook drives the copy's inner FT, not the trained one.
+    ft_logits = s_ft(x)
+    with torch.no_grad():
+        kept.ft.contract[0].weight.mul_(3.0)
+    assert max_logit_diff(s_ft, merged, x) > 1e-3
+    assert torch.equal(s_ft(x), ft_logits)
+
+
+@pytest.mark.parametrize("bn,residual", [(True, True), (False, False)])
+def test_saved_layer3_student_rebuilds_by_name(tmp_path, bn, residual):
+    s_ft = _layer3_student(bn=bn, residual=residual)
+    _train_layer3(s_ft)
+    merged = merge_ft(s_ft)
+    path = tmp_path / "model.safetensors"
+    save_model(path, merged, {"model": "resnet18", "num_classes": 10, "kwargs": {}})
+    loaded, _ = load_model_file(path)
+    inner = getattr(loaded, INNER_FT)
+    assert (inner.ft.bn, inner.ft.residual, inner.stage) == (bn, residual, "layer3")
+    x = torch.randn(3, 3, 32, 32)
+    assert max_logit_diff(loaded, merged, x) <= 1e-6
+    # A plain file rebuilds plain (no inner FT); a plain model refuses the layer3 weights.
+    plain = create_model("resnet18", num_classes=10)
+    save_model(tmp_path / "plain.safetensors", plain, {"model": "resnet18", "num_classes": 10})
+    assert restore_inner_ft(plain, tmp_path / "plain.safetensors") is plain
+    assert INNER_FT not in plain._modules
+    with pytest.raises(CheckpointError, match=INNER_FT):
+        load_weights(create_model("resnet18", num_classes=10), path)
+
+
+def test_attach_inner_ft_refusals():
+    s_ft = _layer3_student()
+    with pytest.raises(ValueError, match="already"):
+        attach_inner_ft(s_ft, teacher_channels=8)
+    with pytest.raises(TypeError, match="attach_ft"):
+        attach_inner_ft(create_model("resnet18", num_classes=3), teacher_channels=8)
+    tiny = create_model("tinycnn", num_classes=3)
+    tiny.tap_spec = TapSpec("stage3", 64, "fc", ("stage3",), (64,))  # the last stage alone
+    with pytest.raises(ValueError, match="no stage before its last"):
+        attach_inner_ft(attach_ft(tiny, teacher_channels=4, n=1), teacher_channels=4)

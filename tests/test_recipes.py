@@ -14,6 +14,7 @@ import torch
 import normkd
 from normkd.cli import main
 from normkd.config import Recipe, load_recipe
+from normkd.models import create_model
 
 CONFIGS = Path(normkd.__file__).parent / "configs"
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
@@ -284,3 +285,29 @@ def test_dry_run(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for kind in _terms(recipe):
         assert f"{kind}=" in printed
     assert not out_dir.exists(), "a dry run must not create the run directory"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_authors_layer3_option_deploys_resnet18_with_its_inner_ft(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stages=layer3` on the authors' ResNet34 -> ResNet18 recipe: the student the dry run
+    reports is ResNet18 plus the in-path FT after layer3 (256 -> 8 * 256 -> 256, BN after each)."""
+    from normkd.norm import FeatureTransform
+
+    path = IMAGENET / "resnet34__resnet18" / "norm_authors.yaml"
+    argv = ["distill", str(path), "--dry-run"]
+    for kv in (
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "engine.device=cpu",
+        f"engine.out_dir={tmp_path / 'runs'}",
+        f"data.root={tmp_path / 'no-such-data'}",
+        "teacher.weights=null",
+        "loss.1.stages=layer3",
+    ):
+        argv += ["--set", kv]
+    assert main(argv) == 0
+    plain = sum(p.numel() for p in create_model("resnet18", num_classes=1000).parameters())
+    inner = sum(p.numel() for p in FeatureTransform(256, 256, 8).parameters())
+    assert f"student resnet18 ({plain + inner:,} params)" in capsys.readouterr().out

@@ -203,6 +203,38 @@ def _cmd_list(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    """``normkd reproduce``'s arguments."""
+    rep = sub.add_parser(
+        "reproduce",
+        help="the paper's CIFAR-100 comparison for one pair: teacher + methods x seeds, a table",
+        description="Trains the pair's teacher (or uses --teacher-weights) and every method's "
+        "shipped recipe for each seed, then prints and writes (Markdown + PNG) best and final "
+        "top-1 beside the published figures. Re-running skips finished runs and resumes "
+        "unfinished ones.",
+    )
+    rep.add_argument("dataset", choices=["cifar100"], help="the benchmark (cifar100)")
+    rep.add_argument("pair", help="TEACHER__STUDENT, a folder of configs/cifar100/")
+    rep.add_argument(
+        "--data-root", type=Path, required=True, help="folder holding cifar-100-python/"
+    )
+    rep.add_argument("--methods", nargs="+", default=None, metavar="M", help="recipe names")
+    rep.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
+    rep.add_argument(
+        "--scale",
+        choices=["paper", "short", "smoke"],
+        default="short",
+        help="paper: recipes as shipped (240 epochs, a GPU job); short: --epochs; smoke: 1 epoch "
+        "on 2%% of the data",
+    )
+    rep.add_argument("--epochs", type=int, default=None, help="short scale's epochs (30)")
+    rep.add_argument("--teacher-weights", type=Path, help="a trained teacher (skips training it)")
+    rep.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"), help="run folders")
+    rep.add_argument("--report", type=Path, help="also write the table (and PNG) here")
+    rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rep.set_defaults(func=_cmd_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkd",
@@ -264,34 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=_cmd_export)
 
-    rep = sub.add_parser(
-        "reproduce",
-        help="the paper's CIFAR-100 comparison for one pair: teacher + methods x seeds, a table",
-        description="Trains the pair's teacher (or uses --teacher-weights) and every method's "
-        "shipped recipe for each seed, then prints and writes (Markdown + PNG) best and final "
-        "top-1 beside the published figures. Re-running skips finished runs and resumes "
-        "unfinished ones.",
-    )
-    rep.add_argument("dataset", choices=["cifar100"], help="the benchmark (cifar100)")
-    rep.add_argument("pair", help="TEACHER__STUDENT, a folder of configs/cifar100/")
-    rep.add_argument(
-        "--data-root", type=Path, required=True, help="folder holding cifar-100-python/"
-    )
-    rep.add_argument("--methods", nargs="+", default=None, metavar="M", help="recipe names")
-    rep.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
-    rep.add_argument(
-        "--scale",
-        choices=["paper", "short", "smoke"],
-        default="short",
-        help="paper: recipes as shipped (240 epochs, a GPU job); short: --epochs; smoke: 1 epoch "
-        "on 2%% of the data",
-    )
-    rep.add_argument("--epochs", type=int, default=None, help="short scale's epochs (30)")
-    rep.add_argument("--teacher-weights", type=Path, help="a trained teacher (skips training it)")
-    rep.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"), help="run folders")
-    rep.add_argument("--report", type=Path, help="also write the table (and PNG) here")
-    rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    rep.set_defaults(func=_cmd_reproduce)
+    _add_reproduce(sub)
 
     lm = sub.add_parser("list-models", help="print every model name in the zoo")
     lm.set_defaults(func=_cmd_list)

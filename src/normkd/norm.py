@@ -13,30 +13,55 @@ The whole method, top to bottom:
 4. :func:`merge_ft` folds FT, both BatchNorms (eval statistics) and the residual through global
    average pooling into a new classifier: the deployed student has exactly its original
    architecture and parameter count, and the same logits.
+
+The authors' code has one multi-stage option, ``--use_layer3`` (which none of their scripts
+passes): a second FT *in the student's path* after the stage before the last one, whose expanded
+map is matched to the teacher's stage of the same depth (:func:`attach_inner_ft`, recipe
+``loss: {kind: norm, stages: layer3}``). That FT feeds further convolutions, so it cannot be folded
+away exactly: the deployed student keeps it (:class:`InnerFT`, rebuilt by
+:func:`restore_inner_ft`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkd.models.taps import TapSpec, eval_mode, get_module, get_taps
+from normkd.models.taps import (
+    TapShapes,
+    TapSpec,
+    _default_example,
+    eval_mode,
+    get_module,
+    get_taps,
+    probe,
+)
 
 __all__ = [
+    "INNER_FT",
+    "ExpandedMaps",
     "FTStudent",
     "FeatureTransform",
+    "InnerFT",
     "attach_ft",
+    "attach_inner_ft",
     "check_linear_head",
+    "inner_stage_count",
     "max_logit_diff",
     "merge_ft",
     "norm_loss",
+    "restore_inner_ft",
     "spatial_ratio",
 ]
+
+# Name of the in-path inner FT's module on a student that carries one (its state_dict prefix).
+INNER_FT = "norm_inner_ft"
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -211,12 +236,78 @@ def norm_loss(
     return F.mse_loss(segments, teacher.to(student.dtype).unsqueeze(1).expand_as(segments)) * n
 
 
+def inner_stage_count(shapes: TapShapes) -> int:
+    """How many of a model's stages lie before the one global pooling reads.
+
+    The last stage is ``feat``'s own when it has ``feat``'s resolution (``feat`` itself, or the
+    map ``feat`` is computed from, as WRN's block3 before its final BN-ReLU); a stage list that
+    stops earlier has all its stages inner. Reading shapes, not ``stages[-1] == feat``, keeps the
+    inner stages right for stage lists that follow the peers' feature lists.
+    """
+    n = len(shapes.stages)
+    return n - 1 if n and tuple(shapes.stages[-1][1:]) == tuple(shapes.feat[1:]) else n
+
+
+class ExpandedMaps(NamedTuple):
+    """The expanded maps of one forward of a student with an inner FT, shallow to deep."""
+
+    inner: torch.Tensor
+    last: torch.Tensor
+
+
+class InnerFT(nn.Module):
+    """An FT kept in the student's path after an inner stage (the authors' ``--use_layer3``).
+
+    It lives on the student itself (child :data:`INNER_FT`, a forward hook on ``stage``), so the
+    deployed student keeps it: its contracted map feeds further convolutions (zero-padded, after
+    BN-ReLU in pre-activation nets), through which its constant terms and channel mixing cannot
+    be folded exactly, unlike the last FT's through pooling and the classifier. Two buffers record
+    where it sits and whether it is residual, so a saved student rebuilds (:func:`restore_inner_ft`).
+    While an :class:`FTStudent` runs, ``sink`` collects the expanded map for the loss; otherwise
+    nothing is kept (no tensor outlives a forward, so the student deep-copies). Its hook is
+    registered before any tap's, so the ``stages`` tap at ``stage`` reads its output (what the next
+    stage reads): other terms (AT, FitNet) see the student as it is deployed.
+    """
+
+    def __init__(self, ft: FeatureTransform, stage: str) -> None:
+        super().__init__()
+        if not stage:
+            raise ValueError("the inner FT needs a stage module name")
+        self.ft = ft
+        self.stage = stage
+        name = torch.tensor(list(stage.encode()), dtype=torch.uint8)
+        self.register_buffer("stage_name", name)
+        self.register_buffer("residual", torch.tensor(int(ft.residual), dtype=torch.uint8))
+        self.sink: list[torch.Tensor] | None = None
+
+    def hook(self, _mod: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+        """Forward hook on ``stage``: its map -> FT -> the contracted map the next stage reads."""
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"stage {self.stage!r} returned {type(out).__name__}, not a tensor")
+        contracted, expanded = self.ft(out)
+        if self.sink is not None:
+            self.sink.append(expanded)
+        return contracted
+
+
+def _install_inner(model: nn.Module, ft: FeatureTransform, stage: str) -> InnerFT:
+    """Make ``ft`` part of ``model`` for good: child :data:`INNER_FT` and a hook on ``stage``."""
+    target = get_module(model, stage)
+    inner = InnerFT(ft, stage)
+    model.add_module(INNER_FT, inner)
+    # A bound method: deepcopy (merge_ft) re-binds the copied hook to the copied InnerFT.
+    target.register_forward_hook(inner.hook)
+    return inner
+
+
 class FTStudent(nn.Module):
     """A student whose logits flow through FT; ``expanded`` holds the last forward's expanded map.
 
     FT is inserted by a forward hook on the student's ``feat`` module, registered only for the
-    duration of each forward, so ``self.student`` stays the plain model (what :func:`merge_ft`
-    copies). The hook is a plain method, so the wrapper works under DDP and deepcopy.
+    duration of each forward, so ``self.student`` stays the model to deploy (what
+    :func:`merge_ft` copies): the plain student, or with ``stages: layer3`` the student with its
+    in-path :class:`InnerFT`, when ``expanded`` is :class:`ExpandedMaps` (inner, last). The hook
+    is a plain method, so the wrapper works under DDP and deepcopy.
     """
 
     def __init__(self, student: nn.Module, ft: FeatureTransform, spec: TapSpec) -> None:
@@ -224,7 +315,13 @@ class FTStudent(nn.Module):
         self.student = student
         self.ft = ft
         self.spec = spec
-        self.expanded: torch.Tensor | None = None
+        self.expanded: torch.Tensor | ExpandedMaps | None = None
+
+    @property
+    def inner(self) -> InnerFT | None:
+        """The in-path inner FT the student carries (see :func:`attach_inner_ft`), if any."""
+        mod = self.student._modules.get(INNER_FT)
+        return mod if isinstance(mod, InnerFT) else None
 
     def _insert_ft(self, _mod: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
@@ -236,11 +333,21 @@ class FTStudent(nn.Module):
         return contracted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        sink: list[torch.Tensor] = []
+        if inner is not None:
+            inner.sink = sink
         handle = get_module(self.student, self.spec.feat).register_forward_hook(self._insert_ft)
         try:
-            return self.student(x)
+            logits = self.student(x)
         finally:
             handle.remove()
+            if inner is not None:
+                inner.sink = None
+        if sink:
+            assert isinstance(self.expanded, torch.Tensor)
+            self.expanded = ExpandedMaps(sink[-1], self.expanded)
+        return logits
 
 
 def attach_ft(
@@ -270,6 +377,83 @@ def attach_ft(
     return FTStudent(student, ft, spec)
 
 
+def attach_inner_ft(
+    s_ft: FTStudent,
+    teacher_channels: int,
+    example: torch.Tensor | None = None,
+    init: Literal["authors", "pytorch"] = "authors",
+) -> InnerFT:
+    """Put a second FT in the student's path after its stage before the last one (in place).
+
+    The authors' ``--use_layer3``: same FeatureTransform (N, BatchNorm, residual of ``s_ft.ft``,
+    the same ``init``), its expanded map matched to the teacher's stage of the same depth
+    (``teacher_channels`` channels). The stage is the student's last inner stage
+    (:func:`inner_stage_count`, measured on ``example``). Unlike FT, it stays in the deployed
+    student (:class:`InnerFT`); ``s_ft.student`` is changed in place.
+    """
+    if not isinstance(s_ft, FTStudent):
+        raise TypeError(
+            f"attach_inner_ft expects the result of attach_ft, got {type(s_ft).__name__}"
+        )
+    student = s_ft.student
+    if INNER_FT in student._modules:
+        raise ValueError("student already has an inner FeatureTransform attached")
+    in_shape = tuple((_default_example(student) if example is None else example).shape[1:])
+    shapes = probe(student, in_shape)
+    k = inner_stage_count(shapes)
+    if k == 0:
+        raise ValueError(
+            f"{type(student).__name__} has no stage before its last one (stages "
+            f"{list(s_ft.spec.stages)}), so there is nowhere to put an inner FT"
+        )
+    ft = FeatureTransform(
+        shapes.stages[k - 1][0],
+        teacher_channels,
+        s_ft.ft.n,
+        bn=s_ft.ft.bn,
+        residual=s_ft.ft.residual,
+        init=init,
+    )
+    param = s_ft.ft.expand[0].weight
+    return _install_inner(
+        student, ft.to(device=param.device, dtype=param.dtype), s_ft.spec.stages[k - 1]
+    )
+
+
+def restore_inner_ft(model: nn.Module, path: str | Path) -> nn.Module:
+    """Give ``model`` (built by name) the inner FT a saved ``stages: layer3`` student carries.
+
+    A no-op for files without one. The file's own buffers say where the FT sits and whether it is
+    residual; its weights' shapes give its channels (only N * C_t matters to run it). The weights
+    themselves are loaded afterwards, e.g. by ``normkd.models.load_weights``.
+    """
+    from normkd.models.weights import CheckpointError, read_state_dict
+
+    state = read_state_dict(path)
+    pre = INNER_FT + "."
+    if not any(k.startswith(pre) for k in state):
+        return model
+    try:
+        stage = bytes(state[pre + "stage_name"].tolist()).decode()
+        residual = bool(state[pre + "residual"].item())
+        w = state[pre + "ft.expand.0.weight"]
+        ft = FeatureTransform(
+            w.shape[1],
+            w.shape[0],
+            1,
+            bn=pre + "ft.expand.1.weight" in state,
+            residual=residual,
+            init="pytorch",
+        )
+        _install_inner(model, ft, stage)
+    except (KeyError, ValueError, UnicodeDecodeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: its inner FT ({pre}*, NORM stages: layer3) cannot be rebuilt on "
+            f"{type(model).__name__}: {err}"
+        ) from None
+    return model
+
+
 @torch.no_grad()
 def check_linear_head(
     model: nn.Module, spec: TapSpec, example: torch.Tensor | None = None, rtol: float = 1e-3
@@ -281,8 +465,6 @@ def check_linear_head(
     the midpoint rule ``g((a + b) / 2) == (g(a) + g(b)) / 2``; an activation or a LayerNorm after
     pooling (ConvNeXt, some conv heads) fails it, before any training time is spent.
     """
-    from normkd.models.taps import _default_example
-
     x = _default_example(model) if example is None else example
     feat_mod = get_module(model, spec.feat)
     head = get_module(model, spec.classifier)
@@ -331,8 +513,9 @@ def merge_ft(s_ft: FTStudent) -> nn.Module:
     """Fold FT into the classifier: ``fc(gap(FT(x))) == fc'(gap(x))`` for the eval-mode student.
 
     Valid because FT (1x1 convs, eval-mode BatchNorm, residual), global average pooling and the
-    classifier are all linear. Returns a new plain student (same class, same parameter count);
-    ``s_ft`` is left untouched. The merged model is returned in eval mode.
+    classifier are all linear. Returns a new student of the same class; ``s_ft`` is left
+    untouched. Its parameter count is the plain student's, plus the inner FT's when the student
+    carries one (``stages: layer3``: that FT stays, in the copy's path). Returned in eval mode.
     """
     if not isinstance(s_ft, FTStudent):
         raise TypeError(f"merge_ft expects the result of attach_ft, got {type(s_ft).__name__}")

@@ -13,9 +13,9 @@ NAMES = ["MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"]
 
 # Spatial side of each declared stage map for a 32x32 input.
 STAGE_SIZES = {
-    "MobileNetV2": [16, 16, 8, 4, 2, 2],
+    "MobileNetV2": [16, 16, 8, 4, 2],
     "ShuffleV1": [32, 16, 8, 4],
-    "ShuffleV2": [32, 16, 8, 4, 4],
+    "ShuffleV2": [32, 16, 8, 4],
     "ResNet50": [32, 32, 16, 8, 4],
 }
 

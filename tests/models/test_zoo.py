@@ -46,9 +46,10 @@ def test_unknown_model_lists_valid_names():
 
 # Spatial side of each declared stage map at the test input size (32x32 CIFAR, 64x64 ImageNet).
 STAGE_SIZES = {
-    "MobileNetV2": [16, 16, 8, 4, 2, 2],
+    "MobileNetV2": [16, 16, 8, 4, 2],
     "ShuffleV1": [32, 16, 8, 4],
-    "ShuffleV2": [32, 16, 8, 4, 4],
+    "ShuffleV2": [32, 16, 8, 4],
+    **{name: [32, 32, 16, 8] for name in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")},
     "ResNet50": [32, 32, 16, 8, 4],
     **{name: [16, 8, 4, 2] for name in IMAGENET},  # 1/4 .. 1/32 of the input
 }
@@ -61,13 +62,27 @@ def _model(name: str) -> nn.Module:
     return create_model(name, num_classes=7).eval()
 
 
+# Models whose last stage is not ``feat``: the peers' feature lists stop before the head that
+# pooling reads (WRN's final BN-ReLU, the 1x1 head convs); see tests/models/test_peer_stages.py.
+LAST_STAGE_BEFORE_HEAD = {
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+    "MobileNetV2",
+    "ShuffleV2",
+}
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_tap_contract(name):
-    """Declared taps fit the maps (channels; stages shallow to deep, last = feat), feat -> global
-    average pool -> classifier reproduces the logits, and discovery finds the same taps."""
+    """Declared taps fit the maps (channels; stages shallow to deep, the last one at feat's
+    resolution and feat itself except where the peers' lists stop before the head), feat ->
+    global average pool -> classifier reproduces the logits, and discovery finds the same taps."""
     model = _model(name)
     spec = get_taps(model)
-    assert isinstance(spec, TapSpec) and spec.stages[-1] == spec.feat
+    assert isinstance(spec, TapSpec)
+    assert (spec.stages[-1] == spec.feat) == (name not in LAST_STAGE_BEFORE_HEAD)
     x = _input(name, 2)
     with torch.no_grad(), capture(model, [*spec.stages, spec.feat]) as maps:
         logits = model(x)
@@ -76,6 +91,7 @@ def test_tap_contract(name):
         assert maps[stage].dim() == 4 and maps[stage].shape[1] == c, stage
     sizes = [maps[s].shape[-1] for s in spec.stages]
     assert sizes == sorted(sizes, reverse=True)
+    assert maps[spec.stages[-1]].shape[-2:] == maps[spec.feat].shape[-2:]  # feat's own stage
     if name in STAGE_SIZES:
         assert sizes == STAGE_SIZES[name]
     assert maps[spec.feat].shape[1] == spec.feat_channels

@@ -21,9 +21,10 @@ from normkd.engine.runtime import Runtime
 from normkd.engine.schedule import lr_at
 from normkd.errors import ConfigError, UserError
 from normkd.losses.base import BuildContext
+from normkd.losses.norm import layer3_pair
 from normkd.models import create_model, load_weights, probe
 from normkd.models.weights import CheckpointError
-from normkd.norm import attach_ft, spatial_ratio
+from normkd.norm import attach_ft, attach_inner_ft, spatial_ratio
 
 
 @dataclass
@@ -174,7 +175,12 @@ def _with_ft(
     names: tuple[str, str],
     in_shape: tuple[int, ...],
 ) -> nn.Module:
-    """The student as trained: with NORM's FT after its last map when the recipe uses NORM."""
+    """The student as trained: with NORM's FT after its last map when the recipe uses NORM.
+
+    ``stages: layer3`` also puts the authors' in-path inner FT after the student's stage before
+    the last, sized to the teacher's stage of the same depth; it changes ``student`` in place, so
+    the deployed student (and its parameter count) includes it.
+    """
     norm = recipe.norm
     if norm is None:
         return student
@@ -188,9 +194,14 @@ def _with_ft(
         )
     param = next(student.parameters())
     example = torch.zeros(2, *in_shape, device=param.device)
+    # Refused before the student is touched: the pair layer3 matches must exist and fit.
+    inner = layer3_pair(s_shapes, t_shapes, names) if norm.stages == "layer3" else None
     try:
-        return attach_ft(
+        s_ft = attach_ft(
             student, t_shapes.feat[0], norm.n, norm.bn, norm.residual, example, norm.init
         )
+        if inner is not None:
+            attach_inner_ft(s_ft, inner.t_channels, example, norm.init)
     except ValueError as err:
         raise ConfigError(f"student {names[0]} cannot take NORM's FT: {err}") from None
+    return s_ft

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import NonNegativeFloat
@@ -45,7 +45,8 @@ class StepState:
     epoch: int
     student: Taps
     teacher: Taps | None
-    expanded: torch.Tensor | None = None  # NORM: FT's expanded map of this step
+    # NORM: FT's expanded map of this step (ExpandedMaps(inner, last) with stages: layer3)
+    expanded: Any = None
 
 
 class LossTerm(nn.Module):

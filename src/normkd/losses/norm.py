@@ -1,23 +1,42 @@
 """NORM as a loss term: FT's expanded map vs the teacher's last conv map, with the epoch ramp.
 
-``stages: all`` (the authors' ImageNet option) also matches the inner stages, deepest first: each
-inner student stage gets its own expand head (1x1 conv + BN, ``C_s -> N * C_t``) whose N segments
-are matched to the teacher stage of the same depth. These heads sit *beside* the student, not in
-its forward path, so they are dropped at deployment and the merge stays exact; an in-path FT at an
-inner stage could not be folded exactly into the next (zero-padded) convolution.
+``stages`` chooses what else is matched:
+
+- ``last`` (default): the paper, FT after the last conv map only.
+- ``layer3``: the authors' only multi-stage option (``--use_layer3`` in OSVAI/NORM
+  ``train_imagenet_student.py``, passed by none of their scripts): a second FT *in the student's
+  path* after its stage before the last one (:func:`normkd.norm.attach_inner_ft`), its expanded map
+  matched to the teacher's stage of the same depth and added to this term. The last FT is merged
+  as usual; the inner one stays in the deployed student (it cannot be folded away exactly).
+- ``side_heads``: normkd's own idea, not the authors': every inner stage, deepest first, gets a
+  training-only expand head (1x1 conv + BN, ``C_s -> N * C_t``) whose N segments are matched to
+  the teacher stage of the same depth. The heads sit *beside* the student, so they are dropped at
+  deployment and the merge stays exact. (``all`` is a deprecated alias.)
+
+Inner stages are counted back from the stage global pooling reads
+(:func:`normkd.norm.inner_stage_count`), so stage lists that end before a model's head work too.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import warnings
+from collections.abc import Sequence
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
-from pydantic import PositiveInt
+from pydantic import PositiveInt, field_validator
 from torch import nn
 
 from normkd.errors import ConfigError
-from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
-from normkd.norm import norm_loss, spatial_ratio
+from normkd.losses.base import (
+    BuildContext,
+    LossTerm,
+    StepState,
+    TapShapes,
+    TermConfig,
+    register_term,
+)
+from normkd.norm import ExpandedMaps, inner_stage_count, norm_loss, spatial_ratio
 
 # w(epoch) of the authors' training scripts: (end epoch exclusive, weight) pieces.
 RAMPS: dict[str, tuple[tuple[int, float], ...]] = {
@@ -40,11 +59,58 @@ def ramp_weight(ramp: str, epoch: int, epochs: int | None = None) -> float:
     return pieces[-1][1]
 
 
+class StagePair(NamedTuple):
+    """A student stage and the teacher stage it is matched to: indices into ``stages``, channels."""
+
+    student: int
+    teacher: int
+    s_channels: int
+    t_channels: int
+
+
+def _pair_or_refuse(s: TapShapes, t: TapShapes, i: int, j: int, what: str) -> StagePair:
+    """The (student i, teacher j) stage pair; ConfigError when no integer size ratio links them."""
+    ss, ts = s.stages[i], t.stages[j]
+    if spatial_ratio(ss[1:], ts[1:]) is None:
+        raise ConfigError(
+            f"{what} is {ss[1]}x{ss[2]} on the student and {ts[1]}x{ts[2]} on the teacher: no "
+            "integer size ratio; use stages: last"
+        )
+    return StagePair(i, j, ss[0], ts[0])
+
+
+def side_head_pairs(s: TapShapes, t: TapShapes, names: tuple[str, str]) -> list[StagePair]:
+    """Inner stage pairs, deepest first, as many as the shallower of the two models has."""
+    ks, kt = inner_stage_count(s), inner_stage_count(t)
+    what = "loss norm: stages side_heads: inner stage {} (from the end) of {} / {}"
+    return [
+        _pair_or_refuse(s, t, ks - d, kt - d, what.format(d, *names))
+        for d in range(1, min(ks, kt) + 1)
+    ]
+
+
+def layer3_pair(s: TapShapes, t: TapShapes, names: tuple[str, str]) -> StagePair:
+    """The stage before the last of each model: where the inner FT sits / what it is matched to."""
+    ks, kt = inner_stage_count(s), inner_stage_count(t)
+    if ks == 0 or kt == 0:
+        who = f"student {names[0]}" if ks == 0 else f"teacher {names[1]}"
+        raise ConfigError(f"loss norm: stages layer3: {who} has no stage before its last one")
+    what = f"loss norm: stages layer3: the stage before the last of {names[0]} / {names[1]}"
+    return _pair_or_refuse(s, t, ks - 1, kt - 1, what)
+
+
+def _expand_head(cin: int, cout: int) -> nn.Sequential:
+    """A side head: FT's expand half (1x1 conv + BN), trained beside the student, never deployed."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
 class NORMLoss(LossTerm):
     """Sum over N segments of MSE(segment, teacher map); FT itself lives on the student.
 
-    ``inner``: (student channels, teacher channels) of the inner stage pairs to match as well,
-    deepest first (``stages: all``); empty for the paper's last-stage NORM.
+    ``side_heads``: the inner stage pairs matched through training-only expand heads, deepest
+    first (``stages: side_heads``). ``layer3``: the teacher stage index the student's in-path
+    inner FT is matched to (``stages: layer3``; the student's expanded maps then arrive as
+    :class:`~normkd.norm.ExpandedMaps`). Neither: the paper's last-stage NORM.
     """
 
     kind = "norm"
@@ -56,7 +122,8 @@ class NORMLoss(LossTerm):
         reduce: Literal["max", "avg"] = "max",
         ramp: str = "none",
         epochs: int | None = None,
-        inner: list[tuple[int, int]] | None = None,
+        side_heads: Sequence[StagePair] | None = None,
+        layer3: int | None = None,
     ) -> None:
         super().__init__()
         if ramp not in RAMPS:
@@ -65,26 +132,40 @@ class NORMLoss(LossTerm):
         self.reduce = reduce
         self.ramp = ramp
         self.epochs = epochs
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(cs, n * ct, 1, bias=False), nn.BatchNorm2d(n * ct))
-            for cs, ct in inner or []
-        )
+        self.pairs = list(side_heads or [])
+        self.heads = nn.ModuleList(_expand_head(p.s_channels, n * p.t_channels) for p in self.pairs)
+        self.layer3 = layer3
         if self.heads:
             self.student_taps = frozenset({"logits", "stages"})
+        if self.heads or layer3 is not None:
             self.teacher_taps = frozenset({"feat", "stages"})
 
     def weight_at(self, epoch: int) -> float:
         return ramp_weight(self.ramp, epoch, self.epochs)
 
-    def forward(self, state: StepState) -> torch.Tensor:
-        if state.expanded is None or state.teacher is None or state.teacher.feat is None:
+    def _last_and_inner(self, state: StepState) -> torch.Tensor:
+        """The last FT's loss, plus the in-path inner FT's for ``stages: layer3``."""
+        t, expanded = state.teacher, state.expanded
+        if expanded is None or t is None or t.feat is None:
             raise RuntimeError("NORM term needs the student's FT (attach_ft) and the teacher map")
-        loss = norm_loss(state.expanded, state.teacher.feat, self.n, reduce=self.reduce)
+        if self.layer3 is None:
+            if isinstance(expanded, ExpandedMaps):
+                raise RuntimeError("the student carries an inner FT but loss norm is not layer3")
+            return norm_loss(expanded, t.feat, self.n, reduce=self.reduce)
+        if not isinstance(expanded, ExpandedMaps):
+            raise RuntimeError("NORM stages layer3 needs the student's inner FT (attach_inner_ft)")
+        inner_t = t.stages[self.layer3]
+        return norm_loss(expanded.last, t.feat, self.n, reduce=self.reduce) + norm_loss(
+            expanded.inner, inner_t, self.n, reduce=self.reduce
+        )
+
+    def forward(self, state: StepState) -> torch.Tensor:
+        loss = self._last_and_inner(state)
         if self.heads:
-            # Inner stages, deepest first: stages[-1] is the last map, handled by FT above.
-            s_inner = state.student.stages[-2::-1]
-            t_inner = state.teacher.stages[-2::-1]
-            for head, s_map, t_map in zip(self.heads, s_inner, t_inner):
+            assert state.teacher is not None
+            s_st, t_st = state.student.stages, state.teacher.stages
+            maps = [(s_st[p.student], t_st[p.teacher]) for p in self.pairs]
+            for head, (s_map, t_map) in zip(self.heads, maps):
                 loss = loss + norm_loss(head(s_map), t_map, self.n, reduce=self.reduce)
         return loss
 
@@ -99,26 +180,34 @@ class NormTerm(TermConfig):
     residual: bool = True
     reduce: Literal["max", "avg"] = "max"
     ramp: Literal["none", "cifar", "imagenet"] = "none"
-    # last: the paper (FT after the last conv map). all: also match inner stages, deepest first,
-    # through training-only expand heads (the authors' ImageNet option, see NORMLoss).
-    stages: Literal["last", "all"] = "last"
+    # last: the paper (FT after the last conv map). layer3: the authors' --use_layer3, a second FT
+    # in the student's path after its stage before the last, kept when deployed. side_heads:
+    # normkd's own, every inner stage through training-only expand heads (see the module doc).
+    stages: Literal["last", "layer3", "side_heads"] = "last"
     # FT's conv init: the authors' Kaiming normal (fan_out), or PyTorch's default (normkd <= 0.1)
     init: Literal["authors", "pytorch"] = "authors"
     term: ClassVar[type[LossTerm]] = NORMLoss
     label: ClassVar[str] = "NORM"
 
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _all_is_side_heads(cls, value: object) -> object:
+        """``all`` was this option's old name; it never was the authors' option."""
+        if value == "all":
+            warnings.warn(
+                "loss norm stages: 'all' is deprecated; it is 'side_heads' (normkd's training-only "
+                "heads, not the authors' option; theirs is 'layer3')",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return "side_heads"
+        return value
+
     def build(self, ctx: BuildContext) -> LossTerm:
-        inner = None
-        if self.stages == "all":
-            s, t = ctx.pair(self.kind)
-            pairs = list(zip(s.stages[-2::-1], t.stages[-2::-1]))
-            for depth, (ss, ts) in enumerate(pairs, start=1):
-                if spatial_ratio(ss[1:], ts[1:]) is None:
-                    raise ConfigError(
-                        f"loss norm: stages 'all': inner stage {depth} (from the end) of student "
-                        f"{ctx.student_name} is {ss[1]}x{ss[2]} and of teacher "
-                        f"{ctx.teacher_name} {ts[1]}x{ts[2]}: no integer size ratio; use "
-                        "stages: last"
-                    )
-            inner = [(ss[0], ts[0]) for ss, ts in pairs]
-        return NORMLoss(self.n, self.reduce, self.ramp, ctx.epochs, inner=inner)
+        names = (ctx.student_name, ctx.teacher_name)
+        pairs, layer3 = None, None
+        if self.stages == "side_heads":
+            pairs = side_head_pairs(*ctx.pair(self.kind), names)
+        elif self.stages == "layer3":
+            layer3 = layer3_pair(*ctx.pair(self.kind), names).teacher
+        return NORMLoss(self.n, self.reduce, self.ramp, ctx.epochs, side_heads=pairs, layer3=layer3)

@@ -31,7 +31,10 @@ class TapSpec:
     feat: module whose output is the last convolutional map, i.e. exactly what global pooling reads.
     classifier: the final ``nn.Linear`` (or the 1x1 ``nn.Conv2d`` of a conv head after pooling),
         the layer FT is merged into.
-    stages: modules whose outputs are the stage maps, shallow to deep (the last is usually ``feat``).
+    stages: modules whose outputs are the stage maps, shallow to deep. The last is the deepest
+        stage, at ``feat``'s resolution: ``feat`` itself, or the map ``feat`` is computed from
+        when the peers' feature lists stop before the head (WRN's block3 before its final
+        BN-ReLU, the 1x1 head convs of MobileNetV2 / ShuffleV2).
     feat_channels / stage_channels: channel counts of those maps, declared so they can be checked.
     """
 
@@ -85,19 +88,7 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
     first layer, which is what FT merges into); stages are the last map of
     each spatial resolution along the model's top-level chain of blocks.
     """
-    x = _default_example(model) if example is None else example
-    calls: list[tuple[str, nn.Module, object]] = []
-    names = {m: n for n, m in model.named_modules()}
-    handles = [
-        m.register_forward_hook(lambda mod, _i, out: calls.append((names[mod], mod, out)))
-        for m in model.modules()
-    ]
-    try:
-        with eval_mode(model):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    calls = _trace(model, _default_example(model) if example is None else example)
 
     # Last call per module wins (a module called twice, e.g. a shared ReLU, reports its last output).
     last: dict[str, int] = {}
@@ -158,6 +149,23 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
         stages=tuple(stages),
         stage_channels=tuple(int(calls[last[s]][2].shape[1]) for s in stages),
     )
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, object]]:
+    """Every module call of one eval-mode forward, in call order: (name, module, output)."""
+    calls: list[tuple[str, nn.Module, object]] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = [
+        m.register_forward_hook(lambda mod, _i, out: calls.append((names[mod], mod, out)))
+        for m in model.modules()
+    ]
+    try:
+        with eval_mode(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
 
 
 _POOLS = (

@@ -23,7 +23,8 @@ _STAGES: tuple[tuple[int | None, int, int, int], ...] = (
     (None, 160, 3, 2),
     (None, 320, 1, 1),
 )
-# Stages whose outputs RepDistiller returns as intermediate features (after the stem).
+# Stages whose outputs RepDistiller / mdistiller return as features after the stem; the 1x1 head
+# conv (``conv2``, what pooling reads) is no stage of theirs, so it is ``feat`` only.
 _TAPPED_STAGES = (1, 2, 4, 6)
 
 
@@ -96,8 +97,8 @@ class MobileNetV2(nn.Module):
             feat="conv2",
             feat_channels=last_ch,
             classifier="classifier.0",
-            stages=("conv1", *(f"blocks.{i}" for i in _TAPPED_STAGES), "conv2"),
-            stage_channels=(int(32 * width_mult), *(stage_out[i] for i in _TAPPED_STAGES), last_ch),
+            stages=("conv1", *(f"blocks.{i}" for i in _TAPPED_STAGES)),
+            stage_channels=(int(32 * width_mult), *(stage_out[i] for i in _TAPPED_STAGES)),
         )
         self._init_weights()
 

@@ -108,12 +108,14 @@ class ShuffleNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(widths[3], num_classes)
 
+        # Stages are RepDistiller / mdistiller's feature maps (stem, layer1..3); the 1x1 head
+        # (conv2-bn2-ReLU, what pooling reads) is no stage of theirs, so it is ``feat`` only.
         self.tap_spec = TapSpec(
             feat="final_relu",
             feat_channels=widths[3],
             classifier="linear",
-            stages=("relu", "layer1", "layer2", "layer3", "final_relu"),
-            stage_channels=(24, *widths),
+            stages=("relu", "layer1", "layer2", "layer3"),
+            stage_channels=(24, *widths[:3]),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -98,13 +98,15 @@ class WideResNet(nn.Module):
 
         init_weights(self, conv="fan_out", linear="zero_bias")  # its convs have no bias
 
-        # Stage maps are those RepDistiller returns (stem conv, block1, block2; block outputs are
-        # pre-activation sums), except the last, which is the post-BN-ReLU map pooling reads.
+        # Stages are the maps RepDistiller / mdistiller return (stem conv, then the raw block
+        # outputs: pre-activation sums, block3 before the final BN-ReLU), so AT and FitNet pair
+        # the published baselines' maps. feat is the post-BN-ReLU map pooling reads, the one
+        # NORM's FT must follow for its merge into fc to be exact.
         self.tap_spec = TapSpec(
             feat="relu",
             feat_channels=widths[3],
             classifier="fc",
-            stages=("conv1", "block1", "block2", "relu"),
+            stages=("conv1", "block1", "block2", "block3"),
             stage_channels=widths,
         )
 
