@@ -104,6 +104,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, meta, recipe = _model_and_recipe(args.checkpoint, args.config, args.overrides)
     device = resolve_device(recipe.engine.device)
     data = _test_data(recipe, device)
+    if meta["num_classes"] != data.num_classes:
+        raise UserError(
+            f"{args.checkpoint} predicts {meta['num_classes']} classes but its recipe's "
+            f"{recipe.data.kind} data has {data.num_classes}: evaluate it on matching data"
+        )
     res = evaluate(model.to(device), data.test, device)
     print(
         f"{args.checkpoint}: {meta['model']} top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
@@ -138,6 +143,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     job.distiller.load_state_dict(state["distiller"])
     x = next(iter(job.data.test))[0]
     merged, diff = deploy.merge_checked(job.student, x)
+    _check_output(args.out, args.force)
     save_model(args.out, merged, deploy.model_meta(recipe, job.plain, job.data.num_classes, True))
     n = sum(p.numel() for p in merged.parameters())
     print(
@@ -147,14 +153,38 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: Path, force: bool) -> None:
+    """Never replace a run's own files; replace any other existing file only with --force."""
+    from normkd.engine.rundir import LOCK, RUN_FILES
+
+    own = path.name in (*RUN_FILES, "data.json", LOCK) or path.suffix == ".pt"
+    if own and (path.parent / "config.yaml").is_file():
+        raise UserError(f"{path} is a file of the run in {path.parent}: write elsewhere")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: {path.parent} is not a folder")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from normkd.engine.checkpoint import load_model_file
     from normkd.engine.deploy import export_onnx
 
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
+    try:
+        shape = tuple(int(s) for s in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(
+            f"--input-shape must be C,H,W (three positive integers), got {args.input_shape[:40]!r}"
+        )
+    _check_output(args.onnx, args.force)
     model, meta = load_model_file(path)
-    shape = tuple(int(s) for s in args.input_shape.split(","))
-    diff = export_onnx(model, args.onnx, shape)
+    try:
+        diff = export_onnx(model, args.onnx, shape)
+    except OSError as err:
+        raise UserError(f"cannot write {args.onnx}: {err.strerror or err}") from None
     msg = f"exported {path} ({meta['model']}) -> {args.onnx}"
     if diff is None:
         print(msg + " (onnxruntime not installed: output not checked)")
@@ -286,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("source", type=Path, help="RUN_DIR or RUN_DIR/last.pt / best.pt")
     merge.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     merge.add_argument("--best", action="store_true", help="merge best.pt instead of last.pt")
+    merge.add_argument("--force", action="store_true", help="replace an existing --out file")
     merge.set_defaults(func=_cmd_merge)
 
     export = sub.add_parser("export", help="export a saved (merged) student to ONNX")
@@ -294,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--input-shape", default="3,32,32", help="C,H,W of the input (default 3,32,32)"
     )
+    export.add_argument("--force", action="store_true", help="replace an existing --onnx file")
     export.set_defaults(func=_cmd_export)
 
     _add_reproduce(sub)

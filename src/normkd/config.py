@@ -214,9 +214,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from err
+        data = _parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except ValueError as err:  # YAMLError, duplicate keys, nesting
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -237,11 +241,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not key.isprintable():
             raise ConfigError(f"--set {item!r}: the key holds unprintable characters")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(
-                f"--set {item!r}: value is not valid YAML: {_yaml_problem(err)}"
-            ) from err
+            value = _parse_yaml(raw)
+        except ValueError as err:
+            raise ConfigError(f"--set {_clip(item)}: value is not valid YAML: {err}") from None
         node: Any = data
         parts = key.split(".")
         for i, part in enumerate(parts):
@@ -266,6 +268,50 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
     return data
+
+
+MAX_DEPTH = 50  # a recipe nests a few levels; far deeper input is an attack or an accident
+MAX_ECHO = 80  # characters of a user's value an error message repeats
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (a second ``optim:`` would
+    otherwise silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, list | dict):
+                continue  # unhashable: SafeLoader reports it itself
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_clip(repr(key))} appears twice (line {line})", None
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    """safe_load with unique keys and bounded nesting; any problem is a one-line ValueError."""
+    depth = 0
+    for ch in text:  # a cheap bound before the parser recurses into it
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ValueError(_yaml_problem(err)) from None
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+
+
+def _clip(text: str) -> str:
+    """A user's value as an error message repeats it: at most MAX_ECHO characters."""
+    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 1] + "…"
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -36,9 +36,11 @@ def _atomic(path: Path, write) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # disk full, folder removed, ...: the previous file is untouched
+    except (OSError, RuntimeError) as err:  # disk full (torch.save says so as RuntimeError),
+        # folder removed, file-size limit, ...: the previous file is untouched
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise CheckpointError(f"cannot write {path}: {' '.join(reason.split())[:200]}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -26,6 +26,8 @@ from normkd.models import create_model, load_weights, probe
 from normkd.models.weights import CheckpointError
 from normkd.norm import attach_ft, attach_inner_ft, spatial_ratio
 
+MAX_FT_PARAMS = 2**30  # 4 GiB of FT weights in float32: far beyond any sensible N
+
 
 @dataclass
 class Job:
@@ -191,6 +193,14 @@ def _with_ft(
             f"teacher {names[1]} last map is {t_hw[0]}x{t_hw[1]} and student {names[0]} last map "
             f"is {s_hw[0]}x{s_hw[1]} for {in_shape[1]}x{in_shape[2]} inputs: NORM needs an "
             "integer size ratio"
+        )
+    c_s, c_t = s_shapes.feat[0], t_shapes.feat[0]
+    ft_params = 2 * c_s * norm.n * c_t
+    if ft_params > MAX_FT_PARAMS:
+        raise ConfigError(
+            f"loss norm: n={norm.n} makes FT {ft_params:,} parameters ({ft_params * 4 / 2**30:,.0f} "
+            f"GiB in float32) for student channels {c_s} and teacher channels {c_t}; use n <= "
+            f"{MAX_FT_PARAMS // (2 * c_s * c_t):,} (the paper uses 4 to 8)"
         )
     param = next(student.parameters())
     example = torch.zeros(2, *in_shape, device=param.device)
