@@ -39,6 +39,8 @@ CIFAR_PAIRS = {
 }
 # normkd's own CPU-sized pair (not in the paper), set up like resnet56 -> resnet20.
 OWN_PAIRS = {("resnet20", "resnet8")}
+# normkd's own mixed CNN / ViT pairs (not in the paper), on the same benchmark schedule.
+OWN_PAIRS |= {("resnet32x4", "vit_tiny_p4"), ("vit_small_p4", "resnet8x4")}
 CIFAR_PAIRS |= OWN_PAIRS
 CIFAR_TEACHERS = {t for t, _ in CIFAR_PAIRS}
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01 in the CRD benchmark
@@ -261,11 +263,12 @@ def one_thread() -> Iterator[None]:
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("path", DRY_RUNS, ids=_rel)
 def test_dry_run(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`normkd train|distill RECIPE --dry-run` builds models and a batch, on fake data here."""
+    """`normkd train|distill RECIPE --dry-run --fake-data` builds models and a batch, on fake
+    data (CI has no ImageNet or CIFAR-100)."""
     recipe = load_recipe(path)
     out_dir = tmp_path / "runs"
     batch = 2 if recipe.data.kind == "imagenet" else 4
-    argv = [recipe.task, str(path), "--dry-run"]
+    argv = [recipe.task, str(path), "--dry-run", "--fake-data"]
     for kv in (
         f"data.batch_size={batch}",
         f"data.eval_batch_size={batch}",
@@ -278,7 +281,7 @@ def test_dry_run(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
         argv += ["--set", "teacher.weights=null"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "dry run ok (FAKE data: the real folder is absent)" in printed
+    assert "dry run ok (FAKE data, as --fake-data asked)" in printed
     assert recipe.name in printed and f"student {recipe.student.model}" in printed
     classes = 1000 if recipe.data.kind == "imagenet" else 100
     assert f"-> logits ({batch}, {classes})" in printed
@@ -296,7 +299,7 @@ def test_authors_layer3_option_deploys_resnet18_with_its_inner_ft(
     from normkd.norm import FeatureTransform
 
     path = IMAGENET / "resnet34__resnet18" / "norm_authors.yaml"
-    argv = ["distill", str(path), "--dry-run"]
+    argv = ["distill", str(path), "--dry-run", "--fake-data"]
     for kv in (
         "data.batch_size=2",
         "data.eval_batch_size=2",

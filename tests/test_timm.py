@@ -1,4 +1,4 @@
-"""timm (and torchvision) models by name: random init only, NORM merges exactly, CLI on a folder."""
+"""timm (and torchvision) models by name: random init unless asked, NORM merges exactly, CLI."""
 
 import json
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from normkd.cli import main
 from normkd.config import recipe_from_dict
-from normkd.errors import ConfigError, UserError
+from normkd.errors import ConfigError
 from normkd.models import UnknownModelError, create_model, get_taps, list_models, load_weights
 from normkd.norm import attach_ft, max_logit_diff, merge_ft
 
@@ -47,6 +47,7 @@ def test_norm_merge_is_exact(name, feat, classifier):
 
 
 def test_timm_models_are_random_and_weights_load_from_a_local_file(tmp_path):
+    """Random unless asked otherwise (pretrained weights: tests/test_pretrained.py)."""
     a = create_model("timm:resnet10t", num_classes=3)
     b = create_model("timm:resnet10t", num_classes=3)
     assert a.fc.out_features == 3
@@ -54,8 +55,6 @@ def test_timm_models_are_random_and_weights_load_from_a_local_file(tmp_path):
     save_file(a.state_dict(), str(tmp_path / "t.safetensors"))
     c = create_model("timm:resnet10t", num_classes=3, weights=tmp_path / "t.safetensors")
     assert torch.equal(a.conv1[0].weight, c.conv1[0].weight)
-    with pytest.raises(UserError, match="never downloads"):
-        create_model("timm:resnet10t", num_classes=3, pretrained=True)
     assert not any(n.startswith("timm:") for n in list_models())
 
 
@@ -79,8 +78,8 @@ def test_unknown_names_list_close_matches():
         create_model("external", num_classes=3)
 
 
-def test_a_head_that_is_not_linear_is_refused_before_training():
-    class NormHead(nn.Module):  # LayerNorm after pooling (as ConvNeXt): FT could not be merged
+def test_a_head_that_is_not_linear_takes_ft_on_its_pooled_vector():
+    class NormHead(nn.Module):  # LayerNorm after pooling (as ConvNeXt): FT on the map won't merge
         def __init__(self) -> None:
             super().__init__()
             self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
@@ -92,7 +91,11 @@ def test_a_head_that_is_not_linear_is_refused_before_training():
             return self.fc(self.norm(self.pool(self.body(x)).flatten(1)))
 
     with pytest.raises(ValueError, match="is not linear"):
-        attach_ft(NormHead(), teacher_channels=4, n=2)
+        attach_ft(NormHead(), teacher_channels=4, n=2, form="feat")
+    # By default FT goes after the LayerNorm, on the classifier's input, and merges there.
+    s_ft = _trained_ft(NormHead(), torch.randn(8, 3, 16, 16))
+    assert s_ft.form == "pooled" and s_ft.ft.in_channels == 8
+    assert max_logit_diff(s_ft, merge_ft(s_ft), torch.randn(8, 3, 16, 16)) < 1e-5
 
 
 def test_timm_teacher_into_torchvision_student_through_the_cli(tmp_path, image_folder):

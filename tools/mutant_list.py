@@ -179,8 +179,8 @@ MUTANTS: list[Mutant] = [
         "build-weight-decay",
         J,
         "optimizer weight decay from the recipe ignored",
-        "weight_decay=cfg.weight_decay,",
-        "weight_decay=0.0,",
+        '{"params": decayed, "weight_decay": cfg.weight_decay}',
+        '{"params": decayed, "weight_decay": 0.0}',
         ("tests/engine/test_loop_wiring.py",),
     ),
     Mutant(

@@ -53,11 +53,14 @@ METHODS = (
 # Recipe fields distill() takes as plain options (defaults from normkd.config), by section.
 SECTION_OPTIONS = {
     DataCfg: ("data", ("batch_size", "workers")),
-    OptimCfg: ("optim", ("lr", "momentum", "weight_decay", "schedule", "warmup_epochs")),
+    OptimCfg: (
+        "optim",
+        ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "grad_clip"),
+    ),
     EngineCfg: (
         "engine",
         ("device", "amp", "seed", "out_dir", "run_name", "quiet", "eval_every", "channels_last",
-         "compile"),
+         "compile", "bn_recalibrate"),
     ),
 }  # fmt: skip
 # One option for a setting several terms share (None: each term's own default).

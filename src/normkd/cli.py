@@ -34,8 +34,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="build data and models and run one step without training "
-        "(fake data stands in when the real folder is absent)",
+        help="build data and models and run one step without training; fails on missing or "
+        "broken data as the run would",
+    )
+    p.add_argument(
+        "--fake-data",
+        action="store_true",
+        help="with --dry-run: random images of the data's shape instead of the real data "
+        "(to check a recipe where its data is not)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument(
@@ -48,6 +54,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from normkd.engine import run_recipe
 
     overrides = list(args.overrides)
+    if args.fake_data:
+        if not args.dry_run:
+            raise UserError(
+                "--fake-data goes with --dry-run: random images can check a recipe, not train "
+                "a model"
+            )
+        overrides.append("data.fake=true")
     if args.quiet:
         overrides.append("engine.quiet=true")
     if args.out_dir is not None:

@@ -52,15 +52,47 @@ class DataCfg(Strict):
     split_seed: int = 0
     # digits / cifar100: train and test on a seeded random part of each (smoke runs); 1 = all
     fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # folder / imagenet: leave out files whose header is no readable image (not an image, empty,
+    # absurdly large) instead of refusing the folder; they are counted in data.json.
+    skip_bad: bool = False
+    # random images of the kind's shape instead of the real data: for dry runs only
+    # (`--dry-run --fake-data`), which otherwise fail on missing or broken data like a run does.
+    fake: bool = False
 
 
 class ModelCfg(Strict):
     """A zoo model by name, ``timm:<name>``, ``torchvision:<name>`` or ``external`` (an object
-    passed from Python), with optional local weights (never downloaded)."""
+    passed from Python), with optional local weights, or timm's pretrained weights.
+
+    A student's ``weights`` whose classifier has another class count (ImageNet weights, 10
+    classes here) load all but that classifier, which starts fresh; a teacher's must fit whole.
+    """
 
     model: str
     weights: Path | None = None
+    # timm: models only, through timm's own loader (which replaces a classifier of another class
+    # count): pretrained fetches timm's weights (a download, into timm's cache); pretrained_file
+    # reads the same file from disk (offline).
+    pretrained: bool = False
+    pretrained_file: Path | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelCfg:
+        """Pretrained weights come through timm's loader, so only timm: models take them."""
+        chosen = [k for k in ("pretrained", "pretrained_file") if getattr(self, k)]
+        if chosen and not self.model.startswith("timm:"):
+            raise ValueError(
+                f"{' and '.join(chosen)}: only timm: models load pretrained weights through "
+                f"timm; for {self.model!r} save them to a file and set weights: FILE (a student's "
+                "classifier of another class count is replaced)"
+            )
+        if chosen and self.weights is not None:
+            raise ValueError(
+                f"weights and {' and '.join(chosen)} are both set: choose one (weights: a "
+                "checkpoint of your own; pretrained/pretrained_file: timm's weights)"
+            )
+        return self
 
     @field_validator("model")
     @classmethod
@@ -77,11 +109,14 @@ class ModelCfg(Strict):
     @field_validator("kwargs")
     @classmethod
     def _own_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        taken = sorted({"num_classes", "weights"} & set(v))
+        taken = sorted(
+            {"num_classes", "weights", "pretrained", "pretrained_file", "pretrained_cfg_overlay"}
+            & set(v)
+        )
         if taken:
             raise ValueError(
-                f"{', '.join(taken)} cannot be set in kwargs (num_classes comes from the data, "
-                "weights is its own key)"
+                f"{', '.join(taken)} cannot be set in kwargs (num_classes comes from the data; "
+                "weights, pretrained and pretrained_file are keys of their own)"
             )
         return v
 
@@ -99,13 +134,23 @@ class LogitStdCfg(Strict):
 
 
 class OptimCfg(Strict):
-    """SGD and the learning-rate schedule (per-epoch, with optional linear warm-up)."""
+    """The optimizer (SGD or AdamW) and the learning-rate schedule (per-epoch, with optional
+    linear warm-up)."""
 
     epochs: PositiveInt = 240
+    # adamw: decoupled weight decay (Loshchilov & Hutter); it wants a far lower lr (about 1e-3)
+    # and usually more weight_decay (about 0.05) than SGD's defaults below.
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: PositiveFloat = 0.05
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    nesterov: bool = False
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw, each in [0, 1)
+    eps: PositiveFloat = 1e-8  # adamw
     weight_decay: NonNegativeFloat = 5e-4
+    # false: no decay on 1-D parameters (normalisation layers' scales and shifts) and biases, as
+    # timm does; true decays every parameter, as the authors' code (and the shipped recipes).
+    weight_decay_norm_bias: bool = True
+    grad_clip: NonNegativeFloat = 0.0  # clip the global gradient L2 norm per step to this; 0: off
     schedule: Literal["multistep", "step", "cosine", "constant"] = "multistep"
     milestones: list[PositiveInt] = Field(default_factory=lambda: [150, 180, 210])
     step_size: PositiveInt = 30
@@ -120,6 +165,12 @@ class OptimCfg(Strict):
     def _check(self) -> OptimCfg:
         if self.nesterov and self.momentum == 0:
             raise ValueError("optim.nesterov needs optim.momentum > 0")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError(
+                f"optim.nesterov is an SGD setting; optim.optimizer is {self.optimizer}"
+            )
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must each lie in [0, 1), got {list(self.betas)}")
         if sorted(self.milestones) != self.milestones:
             raise ValueError(f"optim.milestones must be increasing, got {self.milestones}")
         return self
@@ -138,6 +189,21 @@ class EngineCfg(Strict):
     quiet: bool = False
     eval_every: PositiveInt = 1
     sync_bn: bool = False  # multi-GPU: synchronise the student's BatchNorm statistics across ranks
+    # Re-estimate the student's BatchNorm running statistics (FT included) on training batches
+    # before each evaluation, so what is evaluated, checkpointed, merged and saved uses statistics
+    # of its final weights. auto: on when a BatchNorm has momentum below 0.1 or None (cumulative),
+    # whose running averages lag the weights of a short run (torchvision/timm MobileNets: 0.01).
+    bn_recalibrate: Literal["auto", "on", "off"] = "auto"
+    bn_recalibrate_batches: PositiveInt = 50  # or the whole epoch when it has fewer
+    # Warn (once, training goes on) when the evaluation top-1 is still within 1.5x chance after
+    # this many epochs (the last epoch of a shorter run); 0: never.
+    chance_check_epochs: NonNegativeInt = 3
+
+    @field_validator("bn_recalibrate", mode="before")
+    @classmethod
+    def _on_off(cls, v: object) -> object:
+        """YAML reads a bare on/off as a boolean."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("device")
     @classmethod

@@ -14,6 +14,22 @@ The whole method, top to bottom:
    average pooling into a new classifier: the deployed student has exactly its original
    architecture and parameter count, and the same logits.
 
+Beyond CNNs (normkd's own extension; the paper and the authors' code have CNNs only), FT takes
+one of three *forms* (:data:`FORMS`), the same algebra in each, so the merge stays exact:
+
+- ``map``: the paper's, on a conv map (1x1 convs, BatchNorm2d).
+- ``tokens``: on a vision transformer's last token sequence (after its final norm) or Swin's
+  channels-last map, per token: bias-free linear layers and BatchNorm over all tokens. Class and
+  distillation tokens go through FT too (they make the logits); the patch tokens, on their grid,
+  are what is matched to the teacher. Pooling a token (or averaging them) and the head are
+  linear, so FT folds into the head (into each head: DeiT's two).
+- ``pooled``: on the classifier's input, where a non-linear layer sits between pooling and the
+  classifier (ConvNeXt's head LayerNorm, timm's ``fc_norm``): FT over the pooled vector, its N
+  segments matched to the teacher's globally average-pooled map (:func:`pooled_norm_loss`).
+
+:func:`ft_form` picks the form: the last representation's (map or tokens) when FT there commutes
+with everything up to the classifier (:func:`check_linear_head`), else ``pooled``.
+
 The authors' code has one multi-stage option, ``--use_layer3`` (which none of their scripts
 passes): a second FT *in the student's path* after the stage before the last one, whose expanded
 map is matched to the teacher's stage of the same depth (:func:`attach_inner_ft`, recipe
@@ -37,6 +53,7 @@ from normkd.models.taps import (
     TapShapes,
     TapSpec,
     _default_example,
+    as_map,
     eval_mode,
     get_module,
     get_taps,
@@ -44,24 +61,31 @@ from normkd.models.taps import (
 )
 
 __all__ = [
+    "FORMS",
     "INNER_FT",
     "ExpandedMaps",
     "FTStudent",
     "FeatureTransform",
     "InnerFT",
+    "PooledExpanded",
     "attach_ft",
     "attach_inner_ft",
     "check_linear_head",
+    "ft_form",
     "inner_stage_count",
     "max_logit_diff",
     "merge_ft",
     "norm_loss",
+    "pooled_norm_loss",
     "restore_inner_ft",
     "spatial_ratio",
 ]
 
 # Name of the in-path inner FT's module on a student that carries one (its state_dict prefix).
 INNER_FT = "norm_inner_ft"
+# Where FT sits (see the module doc): a conv map, a token sequence, the classifier's input.
+FORMS = ("map", "tokens", "pooled")
+Form = Literal["map", "tokens", "pooled"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -77,13 +101,24 @@ def _conv1x1(cin: int, cout: int, bn: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _linear(cin: int, cout: int, bn: bool) -> nn.Sequential:
+    """The 1x1 conv's twin for features on the last axis: a linear layer (+ BatchNorm1d)."""
+    layers: list[nn.Module] = [nn.Linear(cin, cout, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm1d(cout))
+    return nn.Sequential(*layers)
+
+
 class FeatureTransform(nn.Module):
     """Expand ``C_s -> N*C_t`` (the N views matched to the teacher), contract back to ``C_s``.
 
     ``bn=False, residual=False`` is the paper's plain two-linear-layer form; the defaults follow the
     authors' code (bias-free conv + BatchNorm for each layer, contracted map added to the input,
     convs drawn Kaiming-normal fan-out; ``init="pytorch"`` keeps PyTorch's default conv init).
-    ``forward`` returns ``(contracted, expanded)``.
+    ``form="map"`` works on ``(B, C, H, W)`` maps with 1x1 convs; ``tokens`` on features in the
+    last axis, ``(B, ..., C)`` (tokens, channels-last maps), with linear layers and BatchNorm over
+    all tokens; ``pooled`` likewise on a pooled ``(B, C)`` vector (or ``(B, C, 1, 1)``).
+    ``forward`` returns ``(contracted, expanded)``, each in its input's layout.
     """
 
     def __init__(
@@ -94,6 +129,7 @@ class FeatureTransform(nn.Module):
         bn: bool = True,
         residual: bool = True,
         init: Literal["authors", "pytorch"] = "authors",
+        form: Form = "map",
     ) -> None:
         super().__init__()
         self.in_channels = _check_positive_int("in_channels", in_channels)
@@ -101,10 +137,14 @@ class FeatureTransform(nn.Module):
         self.n = _check_positive_int("n (the expansion factor)", n)
         if init not in ("authors", "pytorch"):
             raise ValueError(f"init must be 'authors' or 'pytorch', got {init!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
         self.bn = bool(bn)
         self.residual = bool(residual)
-        self.expand = _conv1x1(in_channels, n * teacher_channels, bn)
-        self.contract = _conv1x1(n * teacher_channels, in_channels, bn)
+        self.form = form
+        layer = _conv1x1 if form == "map" else _linear
+        self.expand = layer(in_channels, n * teacher_channels, bn)
+        self.contract = layer(n * teacher_channels, in_channels, bn)
         if init == "authors":
             # The authors' model init loop covers FT too: Kaiming normal (fan_out, relu). PyTorch's
             # default conv init gives the contract conv ~7x smaller weights at N*C_t inputs.
@@ -112,31 +152,52 @@ class FeatureTransform(nn.Module):
                 nn.init.kaiming_normal_(block[0].weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
-            raise ValueError(
-                f"FeatureTransform expects a non-empty (B, {self.in_channels}, H, W) map, "
-                f"got {tuple(x.shape)}"
-            )
-        expanded = self.expand(x)
-        out = self.contract(expanded)
+        if self.form == "map":
+            if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
+                raise ValueError(
+                    f"FeatureTransform expects a non-empty (B, {self.in_channels}, H, W) map, "
+                    f"got {tuple(x.shape)}"
+                )
+            expanded = self.expand(x)
+            out = self.contract(expanded)
+        else:
+            flat = self._rows(x)
+            expanded = self.expand(flat)
+            out = self.contract(expanded).view_as(x)
+            lead = x.shape[:1] if self.form == "pooled" else x.shape[:-1]
+            expanded = expanded.view(*lead, -1)
         if self.residual:
             out = out + x
         return out, expanded
 
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as rows of ``in_channels`` features: one per token, or one per sample."""
+        c = self.in_channels
+        if self.form == "pooled":
+            ok = x.dim() >= 2 and x.shape[1] == c and all(v == 1 for v in x.shape[2:])
+            want = f"(B, {c}) pooled vector"
+        else:
+            ok = x.dim() >= 3 and x.shape[-1] == c
+            want = f"(B, ..., {c}) token sequence"
+        if not ok or 0 in x.shape:
+            raise ValueError(f"FeatureTransform expects a non-empty {want}, got {tuple(x.shape)}")
+        return x.reshape(x.shape[0], c) if self.form == "pooled" else x.reshape(-1, c)
+
     @torch.no_grad()
     def as_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """FT in eval mode as ``y = A @ x + c`` per pixel (float64), the form the merge folds."""
+        """FT in eval mode as ``y = A @ x + c`` per pixel / token / vector (float64), the form the
+        merge folds."""
 
         def affine(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
-            conv = block[0]
-            w = conv.weight.detach().double().flatten(1)  # (out, in)
+            layer = block[0]
+            w = layer.weight.detach().double().flatten(1)  # (out, in)
             b = (
-                conv.bias.detach().double()
-                if conv.bias is not None
+                layer.bias.detach().double()
+                if layer.bias is not None
                 else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
             )
             if len(block) > 1:
-                bn: nn.BatchNorm2d = block[1]
+                bn: nn.modules.batchnorm._BatchNorm = block[1]
                 if bn.running_var is None or bn.running_mean is None:
                     raise ValueError("cannot merge a BatchNorm without running statistics")
                 scale = bn.weight.detach().double() if bn.affine else torch.ones_like(b)
@@ -236,6 +297,30 @@ def norm_loss(
     return F.mse_loss(segments, teacher.to(student.dtype).unsqueeze(1).expand_as(segments)) * n
 
 
+class PooledExpanded(NamedTuple):
+    """A ``pooled``-form FT's expanded vector ``(B, N*C_t)``: matched by :func:`pooled_norm_loss`
+    to the teacher's pooled map, not by :func:`norm_loss` to the map itself."""
+
+    vector: torch.Tensor
+
+
+def pooled_norm_loss(vector: torch.Tensor, teacher_map: torch.Tensor, n: int) -> torch.Tensor:
+    """N-to-one matching of a pooled-form student: each of the N segments of ``vector``
+    ``(B, N*C_t)`` is pulled to the teacher's globally average-pooled map ``(B, C_t, H, W)``
+    (a ViT teacher's map is its patch tokens, so that is their mean), by MSE summed over segments.
+
+    The pooled vector has no spatial layout left to match, so the teacher's map gives its average,
+    the vector the teacher's own global pooling would hand a linear head.
+    """
+    if vector.dim() != 2 or teacher_map.dim() != 4:
+        raise ValueError(
+            "pooled_norm_loss expects a (B, N*C_t) vector and a (B, C_t, H, W) teacher map: got "
+            f"{tuple(vector.shape)} and {tuple(teacher_map.shape)}"
+        )
+    pooled = teacher_map.detach().mean((2, 3), keepdim=True)
+    return norm_loss(vector[:, :, None, None], pooled, n)
+
+
 def inner_stage_count(shapes: TapShapes) -> int:
     """How many of a model's stages lie before the one global pooling reads.
 
@@ -252,7 +337,7 @@ class ExpandedMaps(NamedTuple):
     """The expanded maps of one forward of a student with an inner FT, shallow to deep."""
 
     inner: torch.Tensor
-    last: torch.Tensor
+    last: torch.Tensor | PooledExpanded
 
 
 class InnerFT(nn.Module):
@@ -303,11 +388,14 @@ def _install_inner(model: nn.Module, ft: FeatureTransform, stage: str) -> InnerF
 class FTStudent(nn.Module):
     """A student whose logits flow through FT; ``expanded`` holds the last forward's expanded map.
 
-    FT is inserted by a forward hook on the student's ``feat`` module, registered only for the
+    FT is inserted by a forward hook on the student's ``feat`` module (``form`` ``map`` or
+    ``tokens``) or by forward pre-hooks on its classifiers (``pooled``), registered only for the
     duration of each forward, so ``self.student`` stays the model to deploy (what
     :func:`merge_ft` copies): the plain student, or with ``stages: layer3`` the student with its
-    in-path :class:`InnerFT`, when ``expanded`` is :class:`ExpandedMaps` (inner, last). The hook
-    is a plain method, so the wrapper works under DDP and deepcopy.
+    in-path :class:`InnerFT`, when ``expanded`` is :class:`ExpandedMaps` (inner, last). The
+    expanded output is kept as a ``(B, N*C_t, H, W)`` map (a ViT's patch tokens on their grid) or,
+    for ``pooled``, as :class:`PooledExpanded`. The hooks are plain methods, so the wrapper works
+    under DDP and deepcopy.
     """
 
     def __init__(self, student: nn.Module, ft: FeatureTransform, spec: TapSpec) -> None:
@@ -315,7 +403,13 @@ class FTStudent(nn.Module):
         self.student = student
         self.ft = ft
         self.spec = spec
-        self.expanded: torch.Tensor | ExpandedMaps | None = None
+        self.expanded: torch.Tensor | ExpandedMaps | PooledExpanded | None = None
+        self._sink: list[torch.Tensor] = []
+
+    @property
+    def form(self) -> Form:
+        """Where FT sits: ``map``, ``tokens`` or ``pooled`` (see the module doc)."""
+        return self.ft.form
 
     @property
     def inner(self) -> InnerFT | None:
@@ -329,23 +423,43 @@ class FTStudent(nn.Module):
                 f"tap {self.spec.feat!r} returned {type(out).__name__}, not a tensor; "
                 "point the tap spec at a module that returns the last conv map"
             )
-        contracted, self.expanded = self.ft(out)
+        contracted, expanded = self.ft(out)
+        self._sink.append(as_map(expanded, self.spec))
         return contracted
+
+    def _insert_pooled(self, _mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:
+        contracted, expanded = self.ft(args[0])
+        self._sink.append(expanded)
+        return (contracted, *args[1:])
+
+    def _hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        if self.form != "pooled":
+            return [get_module(self.student, self.spec.feat).register_forward_hook(self._insert_ft)]
+        return [
+            get_module(self.student, name).register_forward_pre_hook(self._insert_pooled)
+            for name in (self.spec.classifier, *self.spec.heads)
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inner = self.inner
         sink: list[torch.Tensor] = []
         if inner is not None:
             inner.sink = sink
-        handle = get_module(self.student, self.spec.feat).register_forward_hook(self._insert_ft)
+        self._sink = []
+        handles = self._hooks()
         try:
             logits = self.student(x)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             if inner is not None:
                 inner.sink = None
+        # pooled: the class head's call, the first (DeiT's distillation head reads its own token).
+        got = self._sink[0 if self.form == "pooled" else -1] if self._sink else None
+        self._sink = []
+        self.expanded = PooledExpanded(got) if self.form == "pooled" and got is not None else got
         if sink:
-            assert isinstance(self.expanded, torch.Tensor)
+            assert self.expanded is not None
             self.expanded = ExpandedMaps(sink[-1], self.expanded)
         return logits
 
@@ -358,23 +472,60 @@ def attach_ft(
     residual: bool = True,
     example: torch.Tensor | None = None,
     init: Literal["authors", "pytorch"] = "authors",
+    form: Literal["auto", "feat", "pooled"] = "auto",
 ) -> FTStudent:
-    """Wrap ``student`` so its logits flow through a new FT after its last conv map.
+    """Wrap ``student`` so its logits flow through a new FT after its last map (or tokens).
 
     The student's taps come from its declared ``tap_spec`` or are discovered with one forward pass
-    (on ``example`` if given), so zoo, torchvision and other CNN classifiers all work.
+    (on ``example`` if given), so zoo, torchvision, timm and other CNN and ViT classifiers all
+    work. ``form``: ``feat`` puts FT on the last representation (a conv map or a token sequence)
+    and refuses a student whose path from there to the classifier would not let FT merge;
+    ``pooled`` puts it on the classifier's input; ``auto`` (default) takes ``feat`` where it
+    merges, else ``pooled`` (:func:`ft_form`).
     """
     if isinstance(student, FTStudent):
         raise ValueError("student already has a FeatureTransform attached")
+    if form not in ("auto", "feat", "pooled"):
+        raise ValueError(f"form must be 'auto', 'feat' or 'pooled', got {form!r}")
     spec = get_taps(student, example)
-    check_linear_head(student, spec, example)
+    if form == "feat":
+        check_linear_head(student, spec, example)
+    kind = ft_form(student, example) if form == "auto" else form
+    if kind == "pooled":
+        in_channels = _classifier_width(get_module(student, spec.classifier))
+    else:
+        kind = "map" if spec.layout == "map" else "tokens"
+        in_channels = spec.feat_channels
     ft = FeatureTransform(
-        spec.feat_channels, teacher_channels, n, bn=bn, residual=residual, init=init
+        in_channels, teacher_channels, n, bn=bn, residual=residual, init=init, form=kind
     )
     param = next(student.parameters(), None)
     if param is not None:
         ft = ft.to(device=param.device, dtype=param.dtype)
     return FTStudent(student, ft, spec)
+
+
+def ft_form(model: nn.Module, example: torch.Tensor | None = None) -> Form:
+    """The FT form ``model`` gets: ``map`` (a CNN) or ``tokens`` (a ViT) where FT after its last
+    representation commutes with the path to its classifier (global pooling, a class token, a
+    flatten: so it folds into the classifier), else ``pooled`` (a norm layer or an activation
+    after pooling, as ConvNeXt's head). Raises ValueError for a model without readable taps."""
+    spec = get_taps(model, example)
+    if _path_error(model, spec, example) is not None:
+        _classifier_width(get_module(model, spec.classifier))
+        return "pooled"
+    return "map" if spec.layout == "map" else "tokens"
+
+
+def _classifier_width(fc: nn.Module) -> int:
+    """The input width of a classifier FT can merge into, or ValueError."""
+    if isinstance(fc, nn.Linear):
+        return fc.in_features
+    if isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.groups == 1:
+        return fc.in_channels
+    raise ValueError(
+        f"classifier is {type(fc).__name__}; FT merges into an nn.Linear (or a 1x1 nn.Conv2d)"
+    )
 
 
 def attach_inner_ft(
@@ -398,6 +549,11 @@ def attach_inner_ft(
     student = s_ft.student
     if INNER_FT in student._modules:
         raise ValueError("student already has an inner FeatureTransform attached")
+    if s_ft.spec.layout != "map":
+        raise ValueError(
+            f"the in-path inner FT (stages: layer3) needs conv stages; {type(student).__name__} "
+            f"has {s_ft.spec.layout} stages (use stages: last or side_heads)"
+        )
     in_shape = tuple((_default_example(student) if example is None else example).shape[1:])
     shapes = probe(student, in_shape)
     k = inner_stage_count(shapes)
@@ -458,76 +614,122 @@ def restore_inner_ft(model: nn.Module, path: str | Path) -> nn.Module:
 def check_linear_head(
     model: nn.Module, spec: TapSpec, example: torch.Tensor | None = None, rtol: float = 1e-3
 ) -> None:
-    """Raise ValueError unless the classifier's input is an affine function of the ``feat`` map.
+    """Raise ValueError unless FT after the ``feat`` map (or tokens) could be merged.
 
-    FT can only be merged when everything between the last conv map and the classifier is
-    affine (global pooling, flatten, eval-mode BatchNorm, dropout). Checked on random maps by
-    the midpoint rule ``g((a + b) / 2) == (g(a) + g(b)) / 2``; an activation or a LayerNorm after
-    pooling (ConvNeXt, some conv heads) fails it, before any training time is spent.
+    FT can only be merged when everything between the last map and the classifier commutes with
+    a per-position affine map: global pooling, a class token picked from the sequence, flatten,
+    dropout. Checked on random maps: ``head_input(A m + c) == A head_input(m) + c`` for a random
+    ``A``, ``c``. An activation, a LayerNorm or a BatchNorm after pooling (ConvNeXt, timm's
+    ``fc_norm``, some conv heads) fails it, before any training time is spent; such models take
+    FT on the pooled vector instead (:func:`ft_form`).
     """
+    err = _path_error(model, spec, example, rtol)
+    if err is not None:
+        raise ValueError(
+            f"{type(model).__name__}: the path from its last map {spec.feat!r} to its "
+            f"classifier {spec.classifier!r} is not linear ({err}: an activation or a norm layer "
+            "after global pooling?), so FT there could not be merged into the classifier after "
+            "training; put FT on the pooled vector instead (form pooled), or use this model as "
+            "the teacher"
+        )
+
+
+def _path_error(
+    model: nn.Module, spec: TapSpec, example: torch.Tensor | None, rtol: float = 1e-3
+) -> str | None:
+    """Why FT on ``feat`` would not commute with the path to the classifiers, or None."""
     x = _default_example(model) if example is None else example
-    feat_mod = get_module(model, spec.feat)
-    head = get_module(model, spec.classifier)
-    shape: list[torch.Size] = []
-    replace: list[torch.Tensor | None] = [None]
+    shape = _head_inputs(model, spec, x, None)[0]
+    c = spec.feat_channels
+    axis = 1 if spec.layout == "map" else -1
+    if len(shape) < 2 or shape[axis] != c:
+        return f"its output {tuple(shape)} has not {c} channels in dim {axis}"
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(shape, generator=gen).double()
+    a = torch.randn(c, c, generator=gen).double() / c**0.5
+    b = torch.randn(c, generator=gen).double()
+
+    def affine(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return (t.movedim(dim, -1) @ a.T + b).movedim(-1, dim)
+
+    plain = _head_inputs(model, spec, x, m)[1]
+    moved = _head_inputs(model, spec, x, affine(m, axis))[1]
+    heads = [get_module(model, name) for name in (spec.classifier, *spec.heads)]
+    for got, want, head in zip(moved, plain, heads):
+        dim = -1 if isinstance(head, nn.Linear) else 1
+        if want.dim() < 2 or want.shape[dim] != c:
+            return f"the classifier reads {tuple(want.shape)}, not {c} features"
+        want = affine(want, dim)
+        scale = float(want.abs().max()) + 1e-6
+        if float((got - want).abs().max()) > rtol * scale:
+            return "FT would not commute with it"
+    return None
+
+
+def _head_inputs(
+    model: nn.Module, spec: TapSpec, x: torch.Tensor, replace: torch.Tensor | None
+) -> tuple[torch.Size, list[torch.Tensor]]:
+    """(``feat``'s output shape, each classifier's input in float64) of one eval-mode forward of
+    ``x``, ``feat``'s output replaced by ``replace`` when given."""
+    shapes: list[torch.Size] = []
     got: list[torch.Tensor] = []
 
     def on_feat(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor | None:
-        shape.append(out.shape)
-        return replace[0]
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"tap {spec.feat!r} returned {type(out).__name__}, not a tensor")
+        shapes.append(out.shape)
+        return None if replace is None else replace.to(out)
 
     def on_head(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         got.append(args[0].detach().double())
 
-    h1 = feat_mod.register_forward_hook(on_feat)
-    h2 = head.register_forward_pre_hook(on_head)
+    handles = [get_module(model, spec.feat).register_forward_hook(on_feat)]
+    handles += [
+        get_module(model, name).register_forward_pre_hook(on_head)
+        for name in (spec.classifier, *spec.heads)
+    ]
     try:
         with eval_mode(model):
             model(x)
-            gen = torch.Generator().manual_seed(0)
-            a, b = (torch.randn(shape[0], generator=gen).to(x) for _ in range(2))
-            outs = []
-            for m in (a, b, (a + b) / 2):
-                replace[0] = m
-                got.clear()
-                model(x)
-                outs.append(got[-1])
     finally:
-        h1.remove()
-        h2.remove()
-    ga, gb, gm = outs
-    err = float((gm - (ga + gb) / 2).abs().max())
-    scale = float(torch.stack([ga.abs().max(), gb.abs().max()]).max()) + 1e-6
-    if err > rtol * scale:
+        for h in handles:
+            h.remove()
+    if not shapes or not got:
         raise ValueError(
-            f"{type(model).__name__}: the path from its last conv map {spec.feat!r} to its "
-            f"classifier {spec.classifier!r} is not linear (an activation or a norm layer after "
-            "global pooling?), so FT could not be merged into the classifier after training; "
-            "use this model as the teacher, or a student whose pooled map feeds the classifier "
-            "directly"
+            f"{type(model).__name__}: its taps {spec.feat!r} / "
+            f"{spec.classifier!r} were not called in a forward"
         )
+    return shapes[-1], got
 
 
 @torch.no_grad()
 def merge_ft(s_ft: FTStudent) -> nn.Module:
     """Fold FT into the classifier: ``fc(gap(FT(x))) == fc'(gap(x))`` for the eval-mode student.
 
-    Valid because FT (1x1 convs, eval-mode BatchNorm, residual), global average pooling and the
-    classifier are all linear. Returns a new student of the same class; ``s_ft`` is left
-    untouched. Its parameter count is the plain student's, plus the inner FT's when the student
-    carries one (``stages: layer3``: that FT stays, in the copy's path). Returned in eval mode.
+    Valid because FT (1x1 convs or per-token linear layers, eval-mode BatchNorm, residual), global
+    average pooling (or picking the class token) and the classifier are all linear; a ``pooled``
+    FT sits on the classifier's input itself. Every classifier reading the representation takes
+    it (DeiT's two heads). Returns a new student of the same class; ``s_ft`` is left untouched.
+    Its parameter count is the plain student's, plus the inner FT's when the student carries one
+    (``stages: layer3``: that FT stays, in the copy's path). Returned in eval mode.
     """
     if not isinstance(s_ft, FTStudent):
         raise TypeError(f"merge_ft expects the result of attach_ft, got {type(s_ft).__name__}")
     merged = copy.deepcopy(s_ft.student)
-    fc = get_module(merged, s_ft.spec.classifier)
+    a, c = s_ft.ft.as_affine()
+    for name in (s_ft.spec.classifier, *s_ft.spec.heads):
+        _fold_into(get_module(merged, name), name, a, c)
+    return merged.eval()
+
+
+def _fold_into(fc: nn.Module, name: str, a: torch.Tensor, c: torch.Tensor) -> None:
+    """``fc(A v + c)`` as ``fc'(v)``: ``fc``'s weight and bias rewritten in place."""
     is_conv = isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.groups == 1
     if not (isinstance(fc, nn.Linear) or is_conv):
         raise TypeError(
-            f"classifier {s_ft.spec.classifier!r} is {type(fc).__name__}; merge needs an "
+            f"classifier {name!r} is {type(fc).__name__}; merge needs an "
             "nn.Linear (or a 1x1 nn.Conv2d on the pooled map)"
         )
-    a, c = s_ft.ft.as_affine()
     a, c = a.to(fc.weight.device), c.to(fc.weight.device)
     w = fc.weight.detach().double().flatten(1)  # (out, in); a 1x1 conv's (out, in, 1, 1) too
     new_bias = w @ c
@@ -538,10 +740,9 @@ def merge_ft(s_ft: FTStudent) -> nn.Module:
             "the classifier has no bias but FT adds a constant term (its BatchNorm shifts); "
             "merging would change the architecture. Use FeatureTransform(bn=False) for such students"
         )
-    fc.weight.copy_((w @ a).view_as(fc.weight))  # ``merged`` is a copy: edit its layer in place
+    fc.weight.copy_((w @ a).view_as(fc.weight))  # a copy of the student: edit its layer in place
     if fc.bias is not None:
         fc.bias.copy_(new_bias)
-    return merged.eval()
 
 
 @torch.no_grad()

@@ -66,9 +66,13 @@ def test_build_data_from_a_recipe(image_folder):
     assert data.info["n_val"] == 18 and not data.fake
 
 
-def test_dry_run_without_the_folder_uses_fake_data(tmp_path):
-    data = recipe_data(_recipe(tmp_path / "absent"), dry_run=True)
-    assert data.fake and data.in_shape == (3, 16, 16)
+def test_a_dry_run_reads_the_real_folder_and_fakes_data_only_when_asked(tmp_path):
+    with pytest.raises(DataError, match=r"image folder .*absent does not exist"):
+        recipe_data(_recipe(tmp_path / "absent"), dry_run=True)
+    data = recipe_data(_recipe(tmp_path / "absent", fake=True), dry_run=True)
+    assert data.fake and data.in_shape == (3, 16, 16) and data.num_classes == 10
+    with pytest.raises(ConfigError, match=r"data\.fake: random images can check a recipe"):
+        recipe_data(_recipe(tmp_path / "absent", fake=True))
 
 
 def test_missing_root(tmp_path):

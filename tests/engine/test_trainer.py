@@ -79,6 +79,7 @@ def test_distill_cli_writes_every_artifact(tmp_path, teacher_file, capsys):
     summary = json.loads((run / "summary.json").read_text())
     # The deployed (merged) student scores exactly as the FT student it came from.
     assert summary["merged_top1"] == pytest.approx(summary["ft_top1"], abs=1e-9)
+    assert summary["ft_form"] == "map"  # a CNN student: FT after its last conv map
     assert summary["merge_max_logit_diff"] < 1e-4
     # It is the plain architecture: same keys as a fresh resnet8, no FT parameters.
     model, meta = load_model_file(run / "model.safetensors")

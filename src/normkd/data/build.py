@@ -2,8 +2,9 @@
 
 Small sets (digits, CIFAR-100) live on the device as uint8 and are augmented per batch
 (:class:`DeviceLoader`); image folders and ImageNet stream through torch DataLoaders. A dry run
-with the real data absent gets random images of the right shape (``Data.fake``) so recipes can be
-checked anywhere.
+reads the real data as a run does, so it fails where the run would; with ``data.fake``
+(``--dry-run --fake-data``) random images of the right shape stand in (``Data.fake``), so
+recipes can be checked where their data is not.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from normkd.config import DataCfg
 from normkd.data.common import Split, fake_split
 from normkd.data.device import Augment, DeviceLoader
-from normkd.errors import ConfigError, DataError
+from normkd.errors import ConfigError
 
 # What each kind's data.root must point at (said when it is missing).
 ROOT_HINTS = {
@@ -51,7 +52,7 @@ class Place:
 
 
 def build_data(cfg: DataCfg, place: Place, dry_run: bool = False) -> Data:
-    """The loaders of ``cfg``; in a dry run, random images stand in for absent real data."""
+    """The loaders of ``cfg``; random images instead when ``cfg.fake`` (dry runs only)."""
     if cfg.batch_size % place.world_size:
         raise ConfigError(
             f"data.batch_size is the global batch ({cfg.batch_size}); it must be divisible by the "
@@ -63,18 +64,19 @@ def build_data(cfg: DataCfg, place: Place, dry_run: bool = False) -> Data:
             "so there is no data for the CLI to build; evaluate it from Python, or write a recipe "
             "with data.kind folder/cifar100/imagenet"
         )
+    if cfg.fake:
+        if not dry_run:
+            raise ConfigError(
+                "data.fake: random images can check a recipe (normkd train|distill RECIPE "
+                "--dry-run --fake-data) but not train a model; unset it to use the real data"
+            )
+        if cfg.kind != "digits":  # the digits ship with scikit-learn: nothing to stand in for
+            return _fake(cfg, place)
     if cfg.kind != "digits" and cfg.root is None:
-        if not dry_run:
-            raise ConfigError(f"data.root: set it to {_root_hint(cfg.kind)}")
-        return _fake(cfg, place)
-    try:
-        if cfg.kind in ("imagenet", "folder"):
-            return _streamed(cfg, place)
-        return _on_device(cfg, place, _split(cfg), _augment(cfg))
-    except DataError:
-        if not dry_run:
-            raise
-        return _fake(cfg, place)
+        raise ConfigError(f"data.root: set it to {_root_hint(cfg.kind)}")
+    if cfg.kind in ("imagenet", "folder"):
+        return _streamed(cfg, place)
+    return _on_device(cfg, place, _split(cfg), _augment(cfg))
 
 
 def _root_hint(kind: str) -> str:
@@ -104,7 +106,7 @@ def _augment(cfg: DataCfg) -> Augment | None:
 
 
 def _fake(cfg: DataCfg, place: Place) -> Data:
-    """Random images of the kind's shape and class count (dry runs only)."""
+    """Random images of the kind's shape and class count (dry runs with --fake-data only)."""
     classes, side = {"imagenet": (1000, 224), "folder": (10, cfg.image_size)}.get(
         cfg.kind, (100, 32)
     )
@@ -153,6 +155,7 @@ def _on_device(cfg: DataCfg, place: Place, split: Split, augment: Augment | None
 def _streamed(cfg: DataCfg, place: Place) -> Data:
     """DataLoaders over ImageFolder-style trees (ImageNet, or your own folder)."""
     from normkd.data import folder_loaders, imagenet_loaders
+    from normkd.data.imagenet import skipped_info
 
     assert cfg.root is not None
     common = {
@@ -162,8 +165,12 @@ def _streamed(cfg: DataCfg, place: Place) -> Data:
     }
     batch = cfg.batch_size // place.world_size
     if cfg.kind == "imagenet":
-        train, test, num_classes = imagenet_loaders(cfg.root, batch, cfg.workers, **common)
+        train, test, num_classes = imagenet_loaders(
+            cfg.root, batch, cfg.workers, skip_bad=cfg.skip_bad, **common
+        )
         info: dict[str, Any] = {"source": "imagenet"}
+        if cfg.skip_bad:
+            info["skipped"] = skipped_info(train.dataset.base, test.dataset.base)
         size = 224
     else:
         train, test, num_classes, info = folder_loaders(
@@ -174,9 +181,16 @@ def _streamed(cfg: DataCfg, place: Place) -> Data:
             val_fraction=cfg.val_fraction,
             split_seed=cfg.split_seed,
             augment=cfg.augment,
+            skip_bad=cfg.skip_bad,
             **common,
         )
         size = cfg.image_size
+    skipped = info.get("skipped", {"count": 0, "files": []})
+    if skipped["count"] and place.rank == 0:
+        print(
+            f"data: left out {skipped['count']:,} file(s) that are no readable image "
+            f"(data.skip_bad), e.g. {skipped['files'][0]}; data.json lists them"
+        )
     dataset = train.dataset  # IndexedDataset over an ImageFolder (or a split of one)
     targets = getattr(dataset.base, "targets", None)
     labels = torch.as_tensor(targets) if targets is not None else None

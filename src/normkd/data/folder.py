@@ -3,7 +3,8 @@
 ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` are used as they are; with no ``train``/``val``
 folders, ``ROOT/<class>/*`` is split per class (stratified) by ``val_fraction`` with a seeded
 permutation. Images go through the standard ImageNet transforms at ``image_size`` and loaders
-yielding ``(x, y, idx)`` (see :mod:`normkd.data.imagenet`, which this reuses).
+yielding ``(x, y, idx)`` (see :mod:`normkd.data.imagenet`, which this reuses, its checks of
+bad files included: ``skip_bad`` leaves out files whose header is no readable image).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from normkd.data.imagenet import (
     _image_folder,
     check_same_classes,
     indexed_loaders,
+    skipped_info,
     standard_transforms,
 )
 from normkd.errors import DataError
@@ -76,8 +78,12 @@ def folder_datasets(
     val_fraction: float = 0.2,
     split_seed: int = 0,
     augment: bool = True,
+    skip_bad: bool = False,
 ) -> tuple[Any, Any, list[str], dict[str, Any]]:
-    """(train set, val set, class names, info) of an image folder; items are (x, y)."""
+    """(train set, val set, class names, info) of an image folder; items are (x, y).
+
+    With ``skip_bad`` the files left out are counted in ``info["skipped"]``.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
     root = Path(root).expanduser()
@@ -98,17 +104,19 @@ def folder_datasets(
                     f"image folder {root / part} has no class folders: expected the layout {LAYOUT}"
                 )
         check_same_classes(_class_dirs(root / "train"), _class_dirs(root / "val"), str(root))
-        train = _image_folder(root / "train", train_tf, "image folder", LAYOUT)
-        val = _image_folder(root / "val", val_tf, "image folder", LAYOUT)
+        train = _image_folder(root / "train", train_tf, "image folder", LAYOUT, skip_bad)
+        val = _image_folder(root / "val", val_tf, "image folder", LAYOUT, skip_bad)
         check_same_classes(train.classes, val.classes, str(root))
         split = "folders"
+        scanned: tuple[Any, ...] = (train, val)
     else:
         if not _class_dirs(root):
             raise DataError(
                 f"image folder {root} has no class folders (one sub-folder of images per class): "
                 f"expected the layout {LAYOUT}"
             )
-        base = _image_folder(root, None, "image folder", LAYOUT)
+        base = _image_folder(root, None, "image folder", LAYOUT, skip_bad)
+        scanned = (base,)
         train_idx, val_idx = stratified_split(
             base.targets, len(base.classes), val_fraction, split_seed
         )
@@ -132,6 +140,8 @@ def folder_datasets(
         "n_val": len(val),
         "image_size": image_size,
     }
+    if skip_bad:
+        info["skipped"] = skipped_info(*scanned)
     return train, val, classes, info
 
 
@@ -147,6 +157,7 @@ def folder_loaders(
     augment: bool = True,
     distributed: bool = False,
     seed: int = 0,
+    skip_bad: bool = False,
 ) -> tuple[DataLoader, DataLoader, int, dict[str, Any]]:
     """Train and val loaders yielding (x, y, idx), the class count and a description."""
     if batch_size < 1 or workers < 0 or image_size < 1:
@@ -154,7 +165,9 @@ def folder_loaders(
             f"need batch_size >= 1, workers >= 0, image_size >= 1; got {batch_size}, {workers}, "
             f"{image_size}"
         )
-    train, val, classes, info = folder_datasets(root, image_size, val_fraction, split_seed, augment)
+    train, val, classes, info = folder_datasets(
+        root, image_size, val_fraction, split_seed, augment, skip_bad
+    )
     train_loader, val_loader = indexed_loaders(
         train,
         val,

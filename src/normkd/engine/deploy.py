@@ -71,6 +71,9 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> f
     with torch.no_grad():
         want = model(xb)
     diff = float((got - want).abs().max())
-    if diff > 1e-3:
-        raise UserError(f"ONNX output differs from PyTorch by {diff:.2e}")
+    scale = max(1.0, float(want.abs().max()))  # float32 kernels differ relative to the logits
+    if diff > 1e-3 * scale:
+        raise UserError(
+            f"ONNX output differs from PyTorch by {diff:.2e} (logits up to {scale:.3g})"
+        )
     return diff

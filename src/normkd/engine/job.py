@@ -7,6 +7,7 @@ draw their initial weights, always in this order.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from normkd.engine.schedule import lr_at
 from normkd.errors import ConfigError, UserError
 from normkd.losses.base import BuildContext
 from normkd.losses.norm import layer3_pair
-from normkd.models import create_model, load_weights, probe
-from normkd.models.weights import CheckpointError
-from normkd.norm import attach_ft, attach_inner_ft, spatial_ratio
+from normkd.models import create_model, probe
+from normkd.models.external import pretrained_report
+from normkd.models.weights import CheckpointError, fit_weights
+from normkd.norm import attach_ft, attach_inner_ft, ft_form, spatial_ratio
 
 MAX_FT_PARAMS = 2**30  # 4 GiB of FT weights in float32: far beyond any sensible N
 
@@ -105,14 +107,33 @@ def assemble(
     )  # fmt: skip
 
 
-def build_optimizer(cfg: OptimCfg, module: nn.Module) -> torch.optim.SGD:
-    """SGD over the trainable parameters of ``module`` (student, FT, term heads; never the teacher)."""
+def build_optimizer(cfg: OptimCfg, module: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters of ``module`` (student, FT, term heads; never
+    the teacher).
+
+    With ``weight_decay_norm_bias`` off, 1-D parameters (normalisation layers' scales and shifts)
+    and biases form a second group without weight decay, as timm's ``param_groups_weight_decay``:
+    decaying them pulls BatchNorm scales towards zero and helps no fit. Otherwise one group holds
+    every parameter, as the authors' code (and checkpoints of earlier runs) have it.
+    """
+    decayed: list[nn.Parameter] = []
+    exempt: list[nn.Parameter] = []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            free = not cfg.weight_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias"))
+            (exempt if free else decayed).append(p)
+    groups = [
+        {"params": decayed, "weight_decay": cfg.weight_decay},
+        {"params": exempt, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.SGD(
-        [p for p in module.parameters() if p.requires_grad],
+        groups,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
     )
 
 
@@ -126,28 +147,73 @@ def _name(cfg: ModelCfg | None, model: nn.Module | None) -> str:
 def _create(
     role: str, cfg: ModelCfg, num_classes: int, weights: Path | str | None = ""
 ) -> nn.Module:
-    """create_model + local weights, errors naming the recipe key at fault."""
+    """create_model + local weights (or timm's pretrained ones), errors naming the recipe key.
+
+    A student may start from weights whose classifier has another class count (fine-tuning
+    ImageNet weights on 10 classes): that classifier starts fresh and one line says so. A
+    teacher's classifier must fit the data, since a fresh one would teach noise.
+    """
+    key, source = "weights", {}
+    if cfg.pretrained_file is not None:
+        key, source = "pretrained_file", {"pretrained_file": cfg.pretrained_file}
+    elif cfg.pretrained:
+        key, source = "pretrained", {"pretrained": True}
     try:
-        model = create_model(cfg.model, num_classes=num_classes, **cfg.kwargs)
+        model = create_model(cfg.model, num_classes=num_classes, **source, **cfg.kwargs)
+    except CheckpointError as err:
+        raise CheckpointError(f"{role}.{key}: {err}") from None
     except UserError:
         raise
     except (TypeError, ValueError) as err:  # a keyword the constructor refuses
         raise ConfigError(
             f"{role}.kwargs {cfg.kwargs} do not fit model {cfg.model!r}: {err}"
         ) from None
+    if source:
+        tensors, theirs = pretrained_report(model, num_classes)
+        _one_classifier(role, key, theirs, num_classes, f"timm loaded {tensors:,} tensors")
     path = cfg.weights if weights == "" else weights
     if path is not None:
         try:
-            load_weights(model, path)
+            loaded = fit_weights(model, path, new_head=True)
         except CheckpointError as err:
             raise CheckpointError(f"{role}.weights: {err}") from None
+        theirs = loaded.checkpoint_classes if loaded.head else None
+        _one_classifier(role, key, theirs, num_classes, f"loaded {loaded.tensors:,} tensors")
     return model
 
 
+def _one_classifier(role: str, key: str, theirs: int | None, num_classes: int, loaded: str) -> None:
+    """Say that a student's classifier was replaced; refuse a teacher whose one would be."""
+    if theirs is None:
+        if key != "weights":  # pretrained weights are worth a line even when all of them fit
+            _say(f"{role}.{key}: {loaded}")
+        return
+    if role == "teacher":
+        raise CheckpointError(
+            f"teacher.{key}: its classifier has {theirs} classes and the data {num_classes}: a "
+            "teacher needs a classifier trained on these classes (train one with normkd train, "
+            "starting from these weights, then distil from its model.safetensors)"
+        )
+    _say(
+        f"{role}.{key}: {loaded}; kept a new classifier ({num_classes} classes) instead of the "
+        f"checkpoint's {theirs}"
+    )
+
+
+def _say(line: str) -> None:
+    """Print on the first process only (under torchrun every rank builds the same models)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line)
+
+
 def _teacher(cfg: ModelCfg, num_classes: int, allow_untrained: bool) -> nn.Module:
-    """The trained teacher; a dry run may go on with a random one (nothing is trained there)."""
+    """The trained teacher; a dry run may go on with a random one (nothing is trained there).
+
+    timm's pretrained weights count as trained when their classifier fits the data's classes.
+    """
     weights = cfg.weights
-    if weights is None and not allow_untrained:
+    pretrained = cfg.pretrained or cfg.pretrained_file is not None
+    if weights is None and not pretrained and not allow_untrained:
         raise ConfigError(
             "teacher.weights: distillation needs a trained teacher; set it to a local "
             "checkpoint (normkd train writes RUN_DIR/model.safetensors)"
@@ -162,11 +228,19 @@ def _teacher(cfg: ModelCfg, num_classes: int, allow_untrained: bool) -> nn.Modul
 
 
 def _probe(role: str, name: str, model: nn.Module, in_shape: tuple[int, ...]) -> Any:
-    """Tap shapes of ``model`` on inputs of the data's shape (its taps found and cached first)."""
+    """Tap shapes of ``model`` on inputs of the data's shape (its taps found and cached first).
+
+    A model that cannot run on them at all (a ViT built for another image size) is a recipe
+    error too: it names the shape, and the keywords that set a ViT's."""
     try:
         return probe(model, in_shape)
     except ValueError as err:
         raise ConfigError(f"{role} {name}: {err}") from None
+    except (AssertionError, RuntimeError) as err:
+        raise ConfigError(
+            f"{role} {name} cannot run on {'x'.join(map(str, in_shape))} inputs: {err} (a ViT "
+            "is built for one image size: set it in the model's kwargs, e.g. img_size)"
+        ) from None
 
 
 def _with_ft(
@@ -179,22 +253,32 @@ def _with_ft(
 ) -> nn.Module:
     """The student as trained: with NORM's FT after its last map when the recipe uses NORM.
 
-    ``stages: layer3`` also puts the authors' in-path inner FT after the student's stage before
-    the last, sized to the teacher's stage of the same depth; it changes ``student`` in place, so
-    the deployed student (and its parameter count) includes it.
+    FT's form follows the student (:func:`normkd.norm.ft_form`): after a CNN's last map or a
+    ViT's last tokens, matched to the teacher's map (integer size ratio); or, where a norm layer
+    follows pooling (ConvNeXt), on the classifier's input, matched to the teacher's pooled map
+    (any size). ``stages: layer3`` also puts the authors' in-path inner FT after the student's
+    stage before the last, sized to the teacher's stage of the same depth; it changes ``student``
+    in place, so the deployed student (and its parameter count) includes it.
     """
     norm = recipe.norm
     if norm is None:
         return student
     assert t_shapes is not None
+    param = next(student.parameters())
+    example = torch.zeros(2, *in_shape, device=param.device)
+    try:
+        form = ft_form(student, example)
+    except ValueError as err:
+        raise ConfigError(f"student {names[0]} cannot take NORM's FT: {err}") from None
     (s_hw, t_hw) = s_shapes.feat[1:], t_shapes.feat[1:]
-    if spatial_ratio(s_hw, t_hw) is None:
+    if form != "pooled" and spatial_ratio(s_hw, t_hw) is None:
         raise ConfigError(
             f"teacher {names[1]} last map is {t_hw[0]}x{t_hw[1]} and student {names[0]} last map "
             f"is {s_hw[0]}x{s_hw[1]} for {in_shape[1]}x{in_shape[2]} inputs: NORM needs an "
             "integer size ratio"
         )
-    c_s, c_t = s_shapes.feat[0], t_shapes.feat[0]
+    c_s = s_shapes.pooled[0] if form == "pooled" else s_shapes.feat[0]
+    c_t = t_shapes.feat[0]
     ft_params = 2 * c_s * norm.n * c_t
     if ft_params > MAX_FT_PARAMS:
         raise ConfigError(
@@ -202,14 +286,13 @@ def _with_ft(
             f"GiB in float32) for student channels {c_s} and teacher channels {c_t}; use n <= "
             f"{MAX_FT_PARAMS // (2 * c_s * c_t):,} (the paper uses 4 to 8)"
         )
-    param = next(student.parameters())
-    example = torch.zeros(2, *in_shape, device=param.device)
     # Refused before the student is touched: the pair layer3 matches must exist and fit.
     inner = layer3_pair(s_shapes, t_shapes, names) if norm.stages == "layer3" else None
     try:
         s_ft = attach_ft(
-            student, t_shapes.feat[0], norm.n, norm.bn, norm.residual, example, norm.init
-        )
+            student, c_t, norm.n, norm.bn, norm.residual, example, norm.init,
+            form="pooled" if form == "pooled" else "feat",
+        )  # fmt: skip
         if inner is not None:
             attach_inner_ft(s_ft, inner.t_channels, example, norm.init)
     except ValueError as err:

@@ -8,7 +8,9 @@ resumed from ``last.pt`` ends bit-identical (on CPU) to one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from normkd.config import Recipe, recipe_to_dict
 from normkd.data.build import Data
-from normkd.engine import deploy, runtime
+from normkd.engine import calibrate, deploy, runtime
 from normkd.engine.job import Job, assemble
 from normkd.engine.rundir import Best, RunDir, RunLock, interrupt_note
 from normkd.engine.step import EpochMeter, evaluate, train_step
@@ -57,6 +59,7 @@ class RunResult:
     merged_top1: float | None = None
     merge_max_logit_diff: float | None = None
     fake_data: bool = False
+    ft_form: str | None = None  # NORM: where FT sat (map / tokens / pooled), merged after training
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)  # deployable, once complete
 
@@ -140,12 +143,16 @@ def fit(
     sharded = rt.distributed and not hasattr(job.data.test, "set_epoch")
     history = run.history
     test = {"top1": 0.0, "top5": 0.0, "loss": float("nan")}
+    recal = _recalibration(job)
     for epoch in range(start, last):
         stats = train_epoch(job, epoch)
         if (epoch + 1) % recipe.engine.eval_every == 0 or epoch + 1 == last:
+            if recal:
+                _recalibrate(job, epoch)
             test = evaluate(
                 job.student, job.data.test, rt.device, recipe.engine.amp, rt if sharded else None
             )
+            _check_chance(job, epoch + 1, test["top1"], stats["train_top1"])
         improved = test["top1"] > best.top1
         if improved:
             best = Best(test["top1"], epoch)
@@ -168,6 +175,7 @@ def fit(
         _params(job), time.perf_counter() - t0, history=history,
     )  # fmt: skip
     if last == recipe.optim.epochs:  # a run stopped early on purpose has no deployable model
+        _check_gap(job, final, recal)
         _finish(job, run, result, sharded)
     return result
 
@@ -180,7 +188,7 @@ def _params(job: Job) -> int:
 def train_epoch(job: Job, epoch: int) -> dict[str, float]:
     """One epoch of steps; returns the means over all ranks (losses, train_top1, lr, img/s)."""
     recipe, rt = job.recipe, job.runtime
-    torch.manual_seed(recipe.engine.seed * 1_000_003 + epoch)
+    _seed_epoch(recipe, epoch)
     _set_epoch(job.data.train, epoch)
     job.distiller.train()
     loader, steps = job.data.train, len(job.data.train)
@@ -206,6 +214,104 @@ def train_epoch(job: Job, epoch: int) -> dict[str, float]:
     correct = sums.pop("correct")
     stats = {k: v / seen for k, v in sums.items()}
     return stats | {"train_top1": 100.0 * correct / seen, "lr": lr, "images_per_s": seen / seconds}
+
+
+def _seed_epoch(recipe: Recipe, epoch: int) -> None:
+    """Seed torch's global RNG for ``epoch`` alone (data order of loaders that draw from it,
+    worker seeds, augmentation, dropout), so the epoch does not depend on the ones before it."""
+    torch.manual_seed(recipe.engine.seed * 1_000_003 + epoch)
+
+
+def _recalibration(job: Job) -> bool:
+    """Whether this run re-estimates the student's BatchNorm statistics before evaluating; says
+    so when ``auto`` turned it on (the student's BatchNorm momentum is below 0.1)."""
+    mode = job.recipe.engine.bn_recalibrate
+    on = calibrate.wanted(mode, job.student)
+    if on and mode == "auto" and job.runtime.is_main and not job.recipe.engine.quiet:
+        print(
+            f"[{job.recipe.name}] the student has BatchNorm layers with momentum below 0.1: their "
+            f"statistics are re-estimated on up to {job.recipe.engine.bn_recalibrate_batches} "
+            "training batches before each evaluation (engine.bn_recalibrate=off skips it)",
+            flush=True,
+        )
+    return on
+
+
+def _recalibrate(job: Job, epoch: int) -> None:
+    """Re-estimate the student's BatchNorm statistics on up to
+    ``engine.bn_recalibrate_batches`` of this epoch's own training batches (the epoch's order and
+    augmentation replayed from its seed; torch's global RNG left as it was).
+
+    In place, so ``last.pt``, ``best.pt`` and the merged model hold the statistics evaluated.
+    Training never reads them (BatchNorm in train mode uses each batch's own) and the last
+    epoch's recalibration starts from a reset, so a run resumed from any checkpoint still ends
+    bit-identical to one that never stopped.
+    """
+    recipe, rt, loader = job.recipe, job.runtime, job.data.train
+    with torch.random.fork_rng(devices=[]):
+        _seed_epoch(recipe, epoch)
+        _set_epoch(loader, epoch)
+        batches = recipe.engine.bn_recalibrate_batches
+        calibrate.recalibrate(job.student, loader, batches, rt.device, rt.autocast)
+    rt.share_buffers(job.distiller)  # DDP: every rank evaluates and saves rank 0's statistics
+
+
+def _warn(job: Job, text: str) -> None:
+    """One line on stderr from the main process, also with ``engine.quiet`` (exit code unchanged)."""
+    if job.runtime.is_main:
+        print(f"normkd: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _check_chance(job: Job, done: int, top1: float, train_top1: float) -> None:
+    """Warn once if the evaluation top-1 is within 1.5x chance after ``engine.chance_check_epochs``
+    epochs (at the first evaluation from then on; the last epoch of a shorter schedule).
+
+    A run that does not learn otherwise goes on to the end and exits 0 (a diverged lr that stays
+    finite, an untrained teacher, labels that do not match the images). ``done`` alone decides
+    when, so a resumed run warns as an uninterrupted one, once.
+    """
+    recipe, classes = job.recipe, job.data.num_classes
+    k = min(recipe.engine.chance_check_epochs, recipe.optim.epochs)
+    every = recipe.engine.eval_every
+    due = min(math.ceil(k / every) * every, recipe.optim.epochs)
+    if k == 0 or done != due or classes < 2:
+        return
+    chance = 100.0 / classes
+    if top1 <= 1.5 * chance:
+        teacher = ", an untrained or wrong teacher" if job.distiller.teacher is not None else ""
+        _warn(
+            job,
+            f"after {done} epoch{'s' if done > 1 else ''} the student scores {top1:.1f}% top-1 on "
+            f"the validation set ({train_top1:.1f}% on training batches), within 1.5x chance "
+            f"({chance:.1f}% for {classes} classes); likely causes: an lr too high or too low "
+            f"(optim.lr; AdamW wants about 1e-3){teacher}, labels that do not match the images; "
+            "training goes on",
+        )
+
+
+def _check_gap(job: Job, final: dict[str, Any], recalibrated: bool) -> None:
+    """Warn when the final model scores far better on training batches than in evaluation (more
+    than 40 points apart, evaluation under 2x chance): a model that learnt but is evaluated
+    broken, e.g. BatchNorm statistics that never caught up with its weights."""
+    classes = job.data.num_classes
+    train, val = final.get("train_top1"), final.get("test_top1")
+    if train is None or val is None or classes < 2:
+        return
+    if train - val > 40.0 and val < 2 * 100.0 / classes:
+        cause = "are the validation images prepared as the training ones (normalisation, size) "
+        cause += "and labelled alike?"
+        if calibrate.batchnorms(job.student):
+            cause = (
+                f"even with its BatchNorm statistics re-estimated; {cause}"
+                if recalibrated
+                else "its BatchNorm statistics may lag its weights (engine.bn_recalibrate=on "
+                "re-estimates them), or the validation images are prepared or labelled differently"
+            )
+        _warn(
+            job,
+            f"the student scores {train:.1f}% on training batches but {val:.1f}% on the "
+            f"validation set: {cause}",
+        )
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -245,6 +351,7 @@ def _finish(job: Job, run: RunDir, result: RunResult, sharded: bool) -> None:
     """Merge FT (checked on a test batch), save model.safetensors and summary.json."""
     rt, model = job.runtime, job.student
     if isinstance(model, FTStudent):
+        result.ft_form = model.form
         x = next(iter(job.data.test))[0].to(rt.device)
         model, result.merge_max_logit_diff = deploy.merge_checked(model, x)
         result.ft_top1 = result.final_top1
@@ -266,7 +373,9 @@ def _dry_run(job: Job) -> RunResult:
     job.distiller.train()
     logits, losses = job.distiller(x, y, idx, 0)
     if job.runtime.is_main:
-        note = " (FAKE data: the real folder is absent)" if job.data.fake else ""
+        note = " (FAKE data, as --fake-data asked)" if job.data.fake else ""
+        if isinstance(job.student, FTStudent):
+            note += f", FT form {job.student.form}"
         n_params = _params(job)
         print(
             f"dry run ok{note}: {job.recipe.name}: student {job.recipe.student.model} "

@@ -38,7 +38,12 @@ class StepOut:
 def train_step(
     job: Job, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, lr: float
 ):
-    """lr -> autocast forward -> weighted terms -> sum -> backward -> optimizer step."""
+    """lr -> autocast forward -> weighted terms -> sum -> backward -> (clip) -> optimizer step.
+
+    ``optim.grad_clip`` bounds the global gradient norm of the true gradients: under fp16 they
+    are unscaled first (``scaler.step`` then does not unscale them twice, and still skips a step
+    whose gradients overflowed). ``clip_grad_norm_`` stays on the device: no host sync.
+    """
     for group in job.optimizer.param_groups:
         group["lr"] = lr
     with job.runtime.autocast():
@@ -47,6 +52,11 @@ def train_step(
     job.optimizer.zero_grad(set_to_none=True)
     scaler = job.runtime.scaler
     scaler.scale(total).backward()
+    clip = job.recipe.optim.grad_clip
+    if clip > 0:
+        scaler.unscale_(job.optimizer)
+        params = [p for group in job.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip)
     scaler.step(job.optimizer)
     scaler.update()
     return StepOut(logits.detach(), {k: v.detach() for k, v in losses.items()}, total.detach())

@@ -1,5 +1,9 @@
 """NORM as a loss term: FT's expanded map vs the teacher's last conv map, with the epoch ramp.
 
+Both maps may come from either family: a ViT's patch tokens arrive on their grid (see
+:mod:`normkd.models.taps`), and a student whose FT sits on its pooled vector (``pooled`` form,
+:func:`normkd.norm.ft_form`) is matched to the teacher's average-pooled map.
+
 ``stages`` chooses what else is matched:
 
 - ``last`` (default): the paper, FT after the last conv map only.
@@ -36,7 +40,14 @@ from normkd.losses.base import (
     TermConfig,
     register_term,
 )
-from normkd.norm import ExpandedMaps, inner_stage_count, norm_loss, spatial_ratio
+from normkd.norm import (
+    ExpandedMaps,
+    PooledExpanded,
+    inner_stage_count,
+    norm_loss,
+    pooled_norm_loss,
+    spatial_ratio,
+)
 
 # w(epoch) of the authors' training scripts: (end epoch exclusive, weight) pieces.
 RAMPS: dict[str, tuple[tuple[int, float], ...]] = {
@@ -151,13 +162,20 @@ class NORMLoss(LossTerm):
         if self.layer3 is None:
             if isinstance(expanded, ExpandedMaps):
                 raise RuntimeError("the student carries an inner FT but loss norm is not layer3")
-            return norm_loss(expanded, t.feat, self.n, reduce=self.reduce)
+            return self._last(expanded, t.feat)
         if not isinstance(expanded, ExpandedMaps):
             raise RuntimeError("NORM stages layer3 needs the student's inner FT (attach_inner_ft)")
         inner_t = t.stages[self.layer3]
-        return norm_loss(expanded.last, t.feat, self.n, reduce=self.reduce) + norm_loss(
+        return self._last(expanded.last, t.feat) + norm_loss(
             expanded.inner, inner_t, self.n, reduce=self.reduce
         )
+
+    def _last(self, expanded: torch.Tensor | PooledExpanded, t_map: torch.Tensor) -> torch.Tensor:
+        """The last FT's loss: its expanded map vs the teacher's, or (FT on the pooled vector)
+        its expanded vector vs the teacher's average-pooled map."""
+        if isinstance(expanded, PooledExpanded):
+            return pooled_norm_loss(expanded.vector, t_map, self.n)
+        return norm_loss(expanded, t_map, self.n, reduce=self.reduce)
 
     def forward(self, state: StepState) -> torch.Tensor:
         loss = self._last_and_inner(state)

@@ -1,19 +1,25 @@
 """Models from outside the zoo: ``timm:<name>``, ``torchvision:<name>`` and ``external``.
 
-timm and torchvision models are always built with random initialisation (normkd never
-downloads); trained weights come from a local file (``weights=PATH``) as for the zoo. timm is an
-optional extra (``pip install 'normkd[timm]'``), imported only when a ``timm:`` name is used.
-``external`` names a model object passed from Python (``normkd.distill``), which has no name.
+timm and torchvision models are built with random initialisation; trained weights come from a
+local file (``weights=PATH``) as for the zoo. A timm model may instead start from timm's own
+pretrained weights through timm's loader: ``pretrained=True`` (timm fetches them into its cache:
+the one download normkd lets happen, and only when asked) or ``pretrained_file=PATH`` (the same
+weights from a local file, offline); timm replaces their classifier when ``num_classes`` differs.
+timm is an optional extra (``pip install 'normkd[timm]'``), imported only when a ``timm:`` name
+is used. ``external`` names a model object passed from Python (``normkd.distill``).
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from normkd.errors import UserError
+from normkd.models.weights import CheckpointError
 
 PREFIX = "timm:"
 TV_PREFIX = "torchvision:"
@@ -52,18 +58,101 @@ def check_timm_name(name: str) -> str:
     return name
 
 
-def create_timm(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=...)`` with readable errors."""
-    if kwargs.pop("pretrained", False):
-        raise UserError(
-            f"{PREFIX}{name}: pretrained=True would download weights, and normkd never downloads; "
-            "save them to a local file and pass weights=PATH"
-        )
+def create_timm(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model(name, num_classes=...)``: random init, or timm's pretrained weights.
+
+    timm's own loader is used for pretrained weights because it knows each model's quirks (its
+    checkpoint filter, input-channel adaptation, the classifier to drop when ``num_classes``
+    differs from the weights'). ``pretrained_file`` points it at a local copy through
+    ``pretrained_cfg_overlay=dict(file=PATH)``, loaded with ``weights_only``.
+    """
     check_timm_name(name)
+    opts: dict[str, Any] = {}
+    where = "its pretrained weights"
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{PREFIX}{name}: pretrained_file not found: {path}")
+        opts = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+        where = f"pretrained_file {path}"
+    elif pretrained:
+        opts = {"pretrained": True}
     try:
-        return _timm().create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        with warnings.catch_warnings():  # plain pickles (protocol > 2) warn on every load
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model = _timm().create_model(name, num_classes=num_classes, **opts, **kwargs)
     except TypeError as err:
         raise UserError(f"{PREFIX}{name}: cannot build it with keywords {kwargs}: {err}") from None
+    except Exception as err:  # timm, torch and huggingface_hub each raise their own types
+        if not opts:
+            raise
+        if "weights_only" in str(err):  # torch's weights_only unpickler refused the file
+            raise CheckpointError(
+                f"{PREFIX}{name}: refused to load {where}: it holds objects other than tensors "
+                "and plain data (normkd never unpickles code)"
+            ) from None
+        raise CheckpointError(f"{PREFIX}{name}: cannot load {where}: {_one_line(err)}") from None
+    if pretrained_file is not None:
+        _check_covered(model, Path(pretrained_file).expanduser(), name)
+    return model
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def pretrained_report(model: nn.Module, num_classes: int) -> tuple[int, int | None]:
+    """(tensors timm loaded, the weights' class count if timm replaced their classifier).
+
+    What timm's loader read comes from its ``pretrained_cfg``: the weights' class count and the
+    classifier it drops when ``num_classes`` differs (every other tensor was loaded).
+    """
+    own = model.state_dict()
+    theirs = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if not isinstance(theirs, int) or theirs == num_classes:
+        return len(own), None
+    head = tuple(h + "." for h in _head_names(model))
+    return sum(not k.startswith(head) for k in own), theirs
+
+
+def _head_names(model: nn.Module) -> tuple[str, ...]:
+    """timm's name(s) of the classifier it drops when the class counts differ."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _check_covered(model: nn.Module, path: Path, name: str) -> None:
+    """Refuse a pretrained_file that left part of the model at random init.
+
+    When the class counts differ timm loads without ``strict`` (it has dropped the classifier),
+    so a file of another model whose keys barely overlap would load silently; every tensor but
+    the classifier's must come from the file.
+    """
+    from normkd.models.weights import checkpoint_keys
+
+    head = _head_names(model)
+    own = model.state_dict()
+    missing = sorted(
+        k
+        for k in set(own) - checkpoint_keys(path)
+        if not k.startswith(tuple(h + "." for h in head))
+    )
+    if missing:
+        shown = ", ".join(missing[:6]) + (
+            f", ... ({len(missing)} in all)" if len(missing) > 6 else ""
+        )
+        raise CheckpointError(
+            f"{PREFIX}{name}: pretrained_file {path} lacks {shown}: is it the weights file of "
+            f"another model? (a checkpoint of your own goes in weights: instead)"
+        )
 
 
 def _tv_names() -> list[str]:

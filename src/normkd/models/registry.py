@@ -72,4 +72,4 @@ def unknown_model_message(name: str) -> str:
 
 def _load_zoo() -> None:
     # Importing the zoo modules runs their @register_model decorators.
-    from normkd.models import cifar, imagenet, tiny  # noqa: F401
+    from normkd.models import cifar, imagenet, tiny, vit  # noqa: F401

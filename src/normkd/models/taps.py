@@ -1,9 +1,16 @@
-"""The feature-tap contract: where a classifier's last conv map, classifier and stages live.
+"""The feature-tap contract: where a classifier's last representation, classifier and stages live.
 
 Every model used as teacher or student is described by a :class:`TapSpec` that names *modules*,
 so maps are read with forward hooks and no model code is edited. Zoo models declare their spec as
-a ``tap_spec`` attribute; any other CNN (torchvision, timm, your own) gets one discovered by a
-single traced forward pass (:func:`discover_taps`).
+a ``tap_spec`` attribute; any other CNN or vision transformer (torchvision, timm, your own) gets
+one discovered by a single traced forward pass (:func:`discover_taps`).
+
+The last representation has one of three layouts (``TapSpec.layout``): a conv ``map``
+``(B, C, H, W)``; ``tokens`` ``(B, T, D)``, a ViT's sequence after its final norm, whose first
+``prefix_tokens`` are class / distillation tokens and the rest a ``grid`` of patches; ``nhwc``
+``(B, H, W, D)``, Swin's channels-last map. :func:`collect_taps` hands every ``feat`` and
+``stages`` tap to the loss terms as a ``(B, C, H, W)`` map (:func:`as_map`: prefix tokens left
+out), so every feature term reads CNNs and transformers alike.
 """
 
 from __future__ import annotations
@@ -18,17 +25,21 @@ from torch import nn
 
 # Tap kinds a loss term may ask for, on the student or the teacher:
 #   logits  - the model's output (standardised when the recipe says so);
-#   feat    - the last conv map (what global pooling reads; the student's is taken before FT);
-#   stages  - the stage maps, shallow to deep;
+#   feat    - the last map (what global pooling reads, a ViT's patch tokens on their grid; the
+#             student's is taken before FT);
+#   stages  - the stage maps, shallow to deep (as maps too);
 #   pooled  - the classifier's input (the student's is taken after FT).
 TAP_KINDS = ("logits", "feat", "stages", "pooled")
+# How a model's last representation holds its channels (TapSpec.layout).
+LAYOUTS = ("map", "tokens", "nhwc")
 
 
 @dataclass(frozen=True)
 class TapSpec:
     """Names (dotted, as in ``model.named_modules()``) of the modules a distiller reads.
 
-    feat: module whose output is the last convolutional map, i.e. exactly what global pooling reads.
+    feat: module whose output is the last convolutional map, i.e. exactly what global pooling reads
+        (a transformer's last token sequence, after its final norm).
     classifier: the final ``nn.Linear`` (or the 1x1 ``nn.Conv2d`` of a conv head after pooling),
         the layer FT is merged into.
     stages: modules whose outputs are the stage maps, shallow to deep. The last is the deepest
@@ -36,6 +47,12 @@ class TapSpec:
         when the peers' feature lists stop before the head (WRN's block3 before its final
         BN-ReLU, the 1x1 head convs of MobileNetV2 / ShuffleV2).
     feat_channels / stage_channels: channel counts of those maps, declared so they can be checked.
+    layout: how ``feat`` and ``stages`` hold their channels: ``map`` (B, C, H, W), ``tokens``
+        (B, T, D) or ``nhwc`` (B, H, W, D) (see the module doc).
+    prefix_tokens / grid: for ``tokens``, how many class / distillation tokens lead the sequence
+        and the (rows, columns) of the patch tokens after them, measured on the discovery input.
+    heads: further classifiers reading the same representation as ``classifier`` (DeiT's
+        distillation head, whose logits are averaged with the class head's): FT merges into each.
     """
 
     feat: str
@@ -43,12 +60,42 @@ class TapSpec:
     classifier: str
     stages: tuple[str, ...] = field(default_factory=tuple)
     stage_channels: tuple[int, ...] = field(default_factory=tuple)
+    layout: str = "map"
+    prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None
+    heads: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if len(self.stages) != len(self.stage_channels):
             raise ValueError(
                 f"TapSpec: {len(self.stages)} stages but {len(self.stage_channels)} stage channel counts"
             )
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"TapSpec: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "tokens" and (self.grid is None or self.prefix_tokens < 0):
+            raise ValueError("TapSpec: a tokens layout needs its patch grid and prefix_tokens >= 0")
+
+
+def as_map(t: torch.Tensor, spec: TapSpec) -> torch.Tensor:
+    """A ``feat`` / ``stages`` output (or FT's expanded output) of ``spec``'s layout as a
+    ``(B, C, H, W)`` map: tokens lose their prefix tokens and take their patch grid, channels-last
+    maps are permuted. Always a view of ``t``, never a copy."""
+    if spec.layout == "map":
+        return t
+    if spec.layout == "nhwc":
+        if t.dim() != 4:
+            raise ValueError(f"expected a (B, H, W, C) map, got {tuple(t.shape)}")
+        return t.permute(0, 3, 1, 2)
+    assert spec.grid is not None
+    (h, w), n = spec.grid, t.shape[1] if t.dim() == 3 else -1
+    if n == h * w + spec.prefix_tokens:
+        t = t[:, spec.prefix_tokens :]
+    elif n != h * w:
+        raise ValueError(
+            f"expected (B, {spec.prefix_tokens} + {h}x{w}, C) tokens, got {tuple(t.shape)} (the "
+            "taps were found on inputs of another size?)"
+        )
+    return t.transpose(1, 2).unflatten(2, (h, w))
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -80,21 +127,23 @@ def _default_example(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapSpec:
-    """Find feat/classifier/stages of an arbitrary CNN classifier by tracing one forward pass.
+    """Find feat/classifier/stages of an arbitrary classifier by tracing one forward pass.
 
-    ``feat`` is the outermost module returning the last 4-D map computed (pooling layers aside);
-    the classifier is the first ``nn.Linear`` (or 1x1 conv on the pooled map, as in timm's
-    MobileNetV3 head) called after it that reads its channels (for an MLP head that is the head's
-    first layer, which is what FT merges into); stages are the last map of
+    Vision transformers (a token sequence or a channels-last map last) are read by
+    :func:`_token_taps`. For CNNs, ``feat`` is the outermost module returning the last 4-D map
+    computed (pooling layers aside); the classifier is the first ``nn.Linear`` (or 1x1 conv on the
+    pooled map, as in timm's MobileNetV3 head) called after it that reads its channels (for an MLP
+    head that is the head's first layer, which is what FT merges into); stages are the last map of
     each spatial resolution along the model's top-level chain of blocks.
     """
-    calls = _trace(model, _default_example(model) if example is None else example)
-
+    x = _default_example(model) if example is None else example
+    calls = _trace(model, x)
     # Last call per module wins (a module called twice, e.g. a shared ReLU, reports its last output).
-    last: dict[str, int] = {}
-    for i, (n, _m, _o) in enumerate(calls):
-        last[n] = i
+    last = {n: i for i, (n, _m, _o) in enumerate(calls)}
     order = sorted((i for n, i in last.items() if n), key=int)
+    token_spec = _token_taps(model, calls, last, order, x)
+    if token_spec is not None:
+        return token_spec
     pools = [  # global pools: adaptive ones (a fixed-size pool on a small input is not one)
         i
         for i in order
@@ -151,7 +200,148 @@ def discover_taps(model: nn.Module, example: torch.Tensor | None = None) -> TapS
     )
 
 
-def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, object]]:
+# (module name, module, output) of each call of a traced forward, in call order.
+Calls = list[tuple[str, nn.Module, Any]]
+
+
+def _token_taps(
+    model: nn.Module, calls: Calls, last: dict[str, int], order: list[int], x: torch.Tensor
+) -> TapSpec | None:
+    """The taps of a model whose last representation is a token sequence (ViT, DeiT, hybrids)
+    or a channels-last map (Swin), or None for a CNN (its last map holds channels in dim 1).
+
+    The last representation is the last non-pooled tensor of the batch computed (``feat``: the
+    outermost module returning it, the final norm in timm's ViTs); the classifier is the first
+    linear layer after it reading its ``D`` features, and the linear layers beside it (same
+    parent, same width: DeiT's ``head_dist``) are further heads.
+    """
+    b = x.shape[0]
+    reps = [
+        i
+        for i in order
+        if isinstance(out := calls[i][2], torch.Tensor)
+        and out.dim() in (3, 4)
+        and out.shape[0] == b
+        and not _is_global(out)
+        and not _is_pool(calls[i][1])
+    ]
+    if not reps:
+        return None
+    out = calls[reps[-1]][2]
+    assert isinstance(out, torch.Tensor)
+    d = int(out.shape[-1])
+    after = [i for i in order if i > reps[-1] and isinstance(calls[i][2], torch.Tensor)]
+    if out.dim() == 4 and any(_reads_channels(calls[i][1], int(out.shape[1])) for i in after):
+        return None  # a conv map: the CNN rules
+    heads = [i for i in after if _reads_channels(calls[i][1], d) and _is_global(calls[i][2])]
+    if not heads:
+        if out.dim() == 3:
+            raise ValueError(
+                f"{type(model).__name__}: no nn.Linear reading the {d} features of its last "
+                f"token sequence {tuple(out.shape)} found; is it a ViT classifier?"
+            )
+        return None
+    layout = "tokens" if out.dim() == 3 else "nhwc"
+    feat = _outermost([calls[i][0] for i in reps], out, calls, last)
+    head, parent = calls[heads[0]][1], calls[heads[0]][0].rpartition(".")[0]
+    extra = tuple(
+        calls[i][0]
+        for i in heads[1:]
+        if calls[i][0].rpartition(".")[0] == parent
+        and getattr(calls[i][1], "out_features", None) == getattr(head, "out_features", 0)
+    )
+    prefix, grid = _token_grid(calls, order, reps, out, x) if layout == "tokens" else (0, None)
+    stages = _token_stages(model, calls, last, reps, feat, layout, prefix)
+    return TapSpec(
+        feat=feat,
+        feat_channels=d,
+        classifier=calls[heads[0]][0],
+        stages=stages,
+        stage_channels=tuple(int(calls[last[s]][2].shape[-1]) for s in stages),
+        layout=layout,
+        prefix_tokens=prefix,
+        grid=grid,
+        heads=extra,
+    )
+
+
+def _token_grid(
+    calls: Calls, order: list[int], reps: list[int], out: torch.Tensor, x: torch.Tensor
+) -> tuple[int, tuple[int, int]]:
+    """(prefix tokens, patch grid) of a token sequence ``out`` of ``D`` features.
+
+    The grid is the (H, W) of the last ``D``-channel map computed before the first token
+    sequence (the patch embedding's conv); without one, the first sequence holds the patches
+    alone, laid out with the input's aspect ratio. The prefix is what the final sequence has more.
+    """
+    d, n = int(out.shape[-1]), int(out.shape[1])
+    first = next(i for i in reps if calls[i][2].dim() == 3)
+    embeds = [
+        calls[i][2].shape[-2:]
+        for i in order
+        if i < first
+        and isinstance(calls[i][2], torch.Tensor)
+        and calls[i][2].dim() == 4
+        and calls[i][2].shape[:2] == (x.shape[0], d)
+    ]
+    if embeds:
+        h, w = (int(v) for v in embeds[-1])
+    else:
+        patches = int(calls[first][2].shape[1])
+        h = max(1, round((patches * x.shape[-2] / x.shape[-1]) ** 0.5))
+        w = patches // h
+    if h * w < 1 or not 0 <= n - h * w <= 16:  # class, distillation, register tokens: a few
+        raise ValueError(
+            f"cannot lay the {n} tokens of the last sequence {tuple(out.shape)} out on a patch "
+            f"grid ({h}x{w} found) for inputs {tuple(x.shape[1:])}"
+        )
+    return n - h * w, (h, w)
+
+
+def _token_stages(
+    model: nn.Module,
+    calls: Calls,
+    last: dict[str, int],
+    reps: list[int],
+    feat: str,
+    layout: str,
+    prefix: int,
+) -> tuple[str, ...]:
+    """Stages of a transformer: the last block of each resolution along the top-level chain
+    (Swin's four stages); a chain of one resolution (ViT) is cut into four equal runs of its
+    blocks, as a ResNet's four stages. Ends with ``feat``. Token sequences count their patch
+    tokens, so the patch embedding (no class token yet) is at the blocks' resolution."""
+    out = calls[reps[-1]][2]
+    assert isinstance(out, torch.Tensor)
+
+    def key(t: torch.Tensor) -> tuple[int, ...]:
+        if layout == "nhwc":
+            return tuple(t.shape[1:3])
+        return (t.shape[1] - (prefix if t.shape[1] == out.shape[1] else 0),)
+
+    dims = 3 if layout == "tokens" else 4
+    units = [i for i in reps if calls[i][2].dim() == dims and _is_unit(model, calls[i][0])]
+    groups: list[list[int]] = []
+    for i in units:
+        if groups and key(calls[groups[-1][-1]][2]) == key(calls[i][2]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if layout == "tokens":  # only sequences at the final resolution become maps
+        groups = [g for g in groups if key(calls[g[-1]][2]) == key(out)]
+    ends = [g[-1] for g in groups]
+    if len(groups) == 1:
+        blocks = [i for i in groups[0] if "." in calls[i][0]]  # children of a Sequential
+        k = min(len(blocks), 4)
+        ends = [blocks[round(len(blocks) * j / k) - 1] for j in range(1, k)]
+    names = [calls[i][0] for i in reps]
+    stages = [_outermost(names, calls[i][2], calls, last) for i in ends]
+    if not stages or stages[-1] != feat:
+        stages.append(feat)
+    return tuple(dict.fromkeys(stages))
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> Calls:
     """Every module call of one eval-mode forward, in call order: (name, module, output)."""
     calls: list[tuple[str, nn.Module, object]] = []
     names = {m: n for n, m in model.named_modules()}
@@ -295,7 +485,9 @@ class TapShapes:
 
 @contextlib.contextmanager
 def collect_taps(model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iterator[Taps]:
-    """Hook ``model`` (the plain network) so forwards in the block fill the ``needs`` taps."""
+    """Hook ``model`` (the plain network) so forwards in the block fill the ``needs`` taps.
+
+    ``feat`` and ``stages`` come as ``(B, C, H, W)`` maps in every layout (:func:`as_map`)."""
     taps = Taps()
     names = ([spec.feat] if "feat" in needs else []) + (
         list(spec.stages) if "stages" in needs else []
@@ -310,8 +502,9 @@ def collect_taps(model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iter
     try:
         with capture(model, names) as maps:
             yield taps
-            taps.feat = maps.get(spec.feat) if "feat" in needs else None
-            taps.stages = [maps[s] for s in spec.stages] if "stages" in needs else []
+            feat = maps.get(spec.feat) if "feat" in needs else None
+            taps.feat = None if feat is None else as_map(feat, spec)
+            taps.stages = [as_map(maps[s], spec) for s in spec.stages] if "stages" in needs else []
     finally:
         if handle is not None:
             handle.remove()
@@ -341,7 +534,7 @@ def example_input(model: nn.Module, in_shape: tuple[int, ...], batch: int = 2) -
 def probe(model: nn.Module, in_shape: tuple[int, ...]) -> TapShapes:
     """Find ``model``'s taps on inputs of ``in_shape`` (cached on it) and measure every tap once.
 
-    Raises ValueError when the model is no CNN classifier normkd can read.
+    Raises ValueError when the model is no CNN or ViT classifier normkd can read.
     """
     example = example_input(model, in_shape)
     spec = get_taps(model, example)

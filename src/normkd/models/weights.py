@@ -8,6 +8,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,6 +106,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _strip_prefixes(_unwrap(obj, path))
 
 
+def checkpoint_keys(path: str | Path) -> set[str]:
+    """The tensor names of a checkpoint; of a safetensors file read from its header alone."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return set(_strip_prefixes(dict.fromkeys(fh.keys())))  # type: ignore[arg-type]
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
+    return set(read_state_dict(path))
+
+
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop DataParallel's ``module.``; of a wrapped distiller keep the student's entries.
 
@@ -139,32 +154,110 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    """Load a checkpoint into ``model``; all mismatches are reported in one readable error."""
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`fit_weights` put into a model: the tensors it loaded and, when the checkpoint's
+    classifier had another class count, the keys of the fresh classifier kept instead."""
+
+    tensors: int
+    head: tuple[str, ...] = ()
+    classes: int = 0  # the model's class count (when ``head`` is set)
+    checkpoint_classes: int = 0  # the checkpoint's
+
+    def note(self, role: str) -> str:
+        """One line for the user, e.g. "student.weights: loaded 1,234 tensors; kept a new
+        classifier (10 classes) instead of the checkpoint's 1000"."""
+        line = f"{role}.weights: loaded {self.tensors:,} tensors"
+        if self.head:
+            line += (
+                f"; kept a new classifier ({self.classes} classes) instead of the checkpoint's "
+                f"{self.checkpoint_classes}"
+            )
+        return line
+
+
+def load_weights(
+    model: nn.Module, path: str | Path, strict: bool = True, *, new_head: bool = False
+) -> nn.Module:
+    """Load a checkpoint into ``model``; all mismatches are reported in one readable error.
+
+    ``new_head``: a checkpoint whose classifier has another class count (ImageNet weights for a
+    10-class student) loads everything else and keeps the model's fresh classifier, the usual
+    start of fine-tuning (:func:`fit_weights` says what was kept).
+    """
+    fit_weights(model, path, strict, new_head=new_head)
+    return model
+
+
+def fit_weights(
+    model: nn.Module, path: str | Path, strict: bool = True, *, new_head: bool = False
+) -> Loaded:
+    """:func:`load_weights`, returning what was loaded and which classifier keys were kept."""
     state = read_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
-    if wrong_shape or (strict and (missing or unexpected)):
-        parts = []
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", wrong_shape),
-        ):
-            if items:
-                shown = ", ".join(items[:8]) + (
-                    f", ... ({len(items)} in all)" if len(items) > 8 else ""
-                )
-                parts.append(f"{label}: {shown}")
+    wrong = sorted(k for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    head = _head_keys(model, own, state, wrong) if new_head and wrong else None
+    if (wrong and head is None) or (strict and (missing or unexpected)):
+        shapes = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong
+        ]
         raise CheckpointError(
             f"checkpoint {path} does not fit {type(model).__name__} (another architecture?): "
-            + "; ".join(parts)
+            + "; ".join(
+                f"{label}: {_shown(items)}"
+                for label, items in (
+                    ("missing keys", missing),
+                    ("unexpected keys", unexpected),
+                    ("shape mismatches", shapes),
+                )
+                if items
+            )
         )
-    model.load_state_dict(state, strict=strict)
-    return model
+    if not head:
+        model.load_state_dict(state, strict=strict)
+        return Loaded(len(state))
+    model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+    first = head[0]
+    return Loaded(len(state) - len(head), head, own[first].shape[0], state[first].shape[0])
+
+
+def _shown(items: list[str]) -> str:
+    return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+
+
+def _head_keys(
+    model: nn.Module,
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    wrong: list[str],
+) -> tuple[str, ...] | None:
+    """``wrong`` (the keys whose shapes differ) if they are all the classifier's class count.
+
+    The classifier is the one the model's tap spec names (``get_taps(model).classifier``), or a
+    layer after it (an MLP head's last Linear, as torchvision's MobileNetV3 ``classifier.3``);
+    each of its tensors may differ in its first dimension only (classes), by the same counts.
+    None when any mismatch lies elsewhere: then the checkpoint is of another architecture.
+    """
+    from normkd.models.taps import TapSpec, discover_taps
+
+    spec = getattr(model, "tap_spec", None)
+    if not isinstance(spec, TapSpec):
+        try:  # not cached on the model: the run discovers it later on its own inputs
+            spec = discover_taps(model)
+        except (ValueError, RuntimeError):
+            return None
+    position = {k: i for i, k in enumerate(own)}
+    start = next((position[k] for k in own if k.startswith(spec.classifier + ".")), None)
+    if start is None or any(
+        position[k] < start
+        or own[k].ndim != state[k].ndim
+        or own[k].ndim == 0
+        or own[k].shape[1:] != state[k].shape[1:]
+        for k in wrong
+    ):
+        return None
+    if len({(own[k].shape[0], state[k].shape[0]) for k in wrong}) != 1:
+        return None
+    return tuple(wrong)
