@@ -201,3 +201,51 @@ def save_figure(fig: Any, out: Path, name: str, env: str) -> Path:
     plt.close(fig)
     print(f"[bench] wrote {path}", flush=True)
     return path
+
+
+# CIFAR-100 as ../shared ships it (the folder holding cifar-100-python/): the benchmarks read the
+# real images when it is there and generated ones when not (a clone without ../shared, CI's tests).
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def has_cifar100(root: Path) -> bool:
+    """Whether ``root`` holds the python-pickle CIFAR-100 layout (``cifar-100-python/train``)."""
+    return all((root / "cifar-100-python" / name).is_file() for name in ("train", "test"))
+
+
+def write_cifar100_python(
+    root: Path,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    meta_from: Path | None = None,
+) -> Path:
+    """Write uint8 (N, 3, 32, 32) images and labels as ``root/cifar-100-python/{train,test,meta}``.
+
+    Why: the original python-pickle layout (bytes keys, rows of 1024 red, green, blue values, fine
+    labels; coarse labels are left out) is what ``normkd.data.load_cifar100``, ``normkd reproduce``
+    and torchvision-style datasets read, so a generated set or a subset that fits a GPU machine's
+    64 MiB working tree goes through the very code the real one does. ``meta_from``: a ``meta``
+    file to copy (the class names); without it, placeholder names are written.
+    """
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (x, y) in (("train", train), ("test", test)):
+        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (3, 32, 32) or len(x) != len(y):
+            raise ValueError(f"{name}: expected uint8 (N, 3, 32, 32) images and N labels")
+        record = {
+            b"batch_label": f"{name} subset".encode(),
+            b"filenames": [f"{name}_{i:05d}.png".encode() for i in range(len(y))],
+            b"fine_labels": [int(v) for v in y.tolist()],
+            b"data": np.ascontiguousarray(x.reshape(len(x), -1).numpy()),
+        }
+        (folder / name).write_bytes(pickle.dumps(record, protocol=4))  # raw bytes: 3 KB an image
+    if meta_from is not None and meta_from.is_file():
+        (folder / "meta").write_bytes(meta_from.read_bytes())
+    else:
+        names = [f"class_{i:02d}".encode() for i in range(100)]
+        (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}, protocol=4))
+    return folder

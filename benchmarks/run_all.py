@@ -6,6 +6,10 @@ workers never colour another's timings, and one failure does not hide the others
     python benchmarks/run_all.py            # everything, under 20 minutes on 2 CPU cores
     python benchmarks/run_all.py --quick    # every script's smoke run
     python benchmarks/run_all.py --only deploy scale
+
+The peer benchmark (torchdistill beside normkd) runs in .venv-bench, torchdistill's own
+environment (``make bench-env``), and adds a few minutes; without it, it is skipped with one
+line saying so.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import BENCH_DIR, env_line, md_table, parse_args, resolve_device
+from common import BENCH_DIR, REPO, env_line, md_table, parse_args, resolve_device
 
 BENCHES = {
     "accuracy": "top-1 of vanilla/KD/NORM/NORM+KD/DKD/NORM+DKD on digits, 5 seeds, paired Δ",
     "throughput": "images/s of a NORM+KD step: device-resident pipeline vs classic PIL loop",
     "deploy": "params, FLOPs, CPU latency of plain vs FT vs merged CIFAR students",
     "scale": "NORM+KD step time vs batch size and vs N",
+    "peer": "images/s of a KD training loop: torchdistill's own vs normkd's, same pair and data",
 }
+# Benchmarks that need another interpreter than this one (a peer installed apart from normkd).
+BENCH_VENV = REPO / ".venv-bench"
+INTERPRETERS = {"peer": BENCH_VENV / "bin" / "python"}
 
 
 def _extra(p: argparse.ArgumentParser) -> None:
@@ -48,9 +56,25 @@ def verdict_lines(md: Path) -> list[str]:
     return []
 
 
-def write_index(out: Path, runs: dict[str, tuple[int, float]], env: str, quick: bool) -> Path:
-    """README.md linking every report and figure, with wall times and target verdicts."""
+def write_index(
+    out: Path,
+    runs: dict[str, tuple[int, float]],
+    env: str,
+    quick: bool,
+    skipped: dict[str, str] | None = None,
+) -> Path:
+    """README.md linking every report and figure, with wall times and target verdicts.
+
+    ``skipped``: benchmarks not run here and why (a peer's environment is missing); a report of
+    theirs left by an earlier run stays linked, its verdicts are not copied as if measured now.
+    """
+    skipped = skipped or {}
     rows = []
+    for name, why in skipped.items():
+        md = out / f"{name}.md"
+        kept = f" ({md.name} is from an earlier run)" if md.is_file() else ""
+        link = f"[{name}]({md.name})" if md.is_file() else name
+        rows.append([link, BENCHES[name], "—", "—", f"skipped: {why}{kept}"])
     for name, (rc, secs) in runs.items():
         md, png = out / f"{name}.md", out / f"{name}.png"
         rows.append(
@@ -98,14 +122,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         passthrough.append("--quick")
     runs: dict[str, tuple[int, float]] = {}
+    skipped: dict[str, str] = {}
     for name in names:
         print(f"\n[run_all] ===== {name} =====", flush=True)
+        python = INTERPRETERS.get(name, Path(sys.executable))
+        if not python.exists():
+            skipped[name] = f"{python} is missing (`make bench-env` creates it)"
+            print(f"[run_all] {name}: skipped: {skipped[name]}", flush=True)
+            continue
         t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, str(BENCH_DIR / f"bench_{name}.py"), *passthrough])
+        rc = subprocess.call([str(python), str(BENCH_DIR / f"bench_{name}.py"), *passthrough])
         runs[name] = (rc, time.perf_counter() - t0)
         print(f"[run_all] {name}: exit {rc}, {runs[name][1]:.0f} s", flush=True)
-    index = write_index(args.out, runs, env, args.quick)
+    index = write_index(args.out, runs, env, args.quick, skipped)
     print(f"\n[run_all] index: {index}")
+    for name, why in skipped.items():
+        print(f"[run_all] {name:<11} skipped: {why}")
     for name, (rc, secs) in runs.items():
         print(f"[run_all] {name:<11} {'ok' if rc == 0 else f'FAILED ({rc})':<12} {secs:6.0f} s")
     return 0 if all(rc == 0 for rc, _ in runs.values()) else 1

@@ -10,6 +10,7 @@ times slower.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,6 +37,10 @@ HEADERS = {
     "scale": [
         "| batch | ms / step | spread | images / s |",
         "| step | ms / step | spread | images / s | time / KD-only time |",
+    ],
+    "peer": [
+        "| variant | tool | precision | images/s (median) | spread | ms per batch |",
+        "| figure | measured | target | verdict |",
     ],
 }
 
@@ -80,7 +85,33 @@ def _check_deploy_merges(md: str, stdout: str) -> None:
         assert float(diff) <= 1e-4, diff
 
 
-FIGURE_CHECKS = {"deploy": _check_deploy_merges}
+def _check_peer(md: str, stdout: str) -> None:
+    """normkd's own rows are measured in any environment; torchdistill's are measured where it is
+    installed (.venv-bench) and otherwise say so, in the table and in every target's verdict, so
+    a report can never pass a missing peer off as a comparison."""
+    rows = {r["variant"]: r for r in _table(md, "| variant | tool | precision |")}
+    for row in rows.values():
+        if row["tool"] in ("normkd", "ceiling", "classic"):
+            assert float(row["images/s (median)"]) > 0, row
+    summary = _table(md, "| figure | measured | target | verdict |")
+    targets = [r for r in summary if r["target"] != "—"]
+    assert [r["target"] for r in targets] == ["≥ 1.5x", "≥ 1.0x", "≥ 1.0x"], summary
+    peer_rows = [r for r in rows.values() if r["tool"] == "torchdistill"]
+    assert len(peer_rows) == 3, rows
+    if importlib.util.find_spec("torchdistill") is None:  # the interpreter the script ran under
+        assert "torchdistill: not installed" in stdout, stdout
+        for row in peer_rows:
+            assert row["images/s (median)"].startswith("not measured: torchdistill not installed")
+        for row in targets:
+            assert row["measured"].startswith("not measured: torchdistill not installed"), row
+            assert row["verdict"] == "torchdistill: not installed", row
+    else:  # its plain fp32 loop always runs; a broken AMP route is reported, not hidden
+        fp32 = next(r for r in peer_rows if r["precision"] == "fp32")
+        assert float(fp32["images/s (median)"]) > 0, fp32
+        assert targets[0]["verdict"] in ("met", "**not met**"), targets[0]
+
+
+FIGURE_CHECKS = {"deploy": _check_deploy_merges, "peer": _check_peer}
 
 
 def _quick(script: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -132,3 +163,19 @@ def test_index_links_reports_and_copies_verdicts(
     assert "| a | met |" in text
     assert "failed (exit 1)" in text
     assert "Device: CPU; torch x" in text
+
+
+def test_index_says_why_a_benchmark_was_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without .venv-bench the peer benchmark is skipped with its reason, not counted as failed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import run_all
+
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    monkeypatch.setitem(run_all.INTERPRETERS, "peer", missing)
+    proc_rc = run_all.main(["--only", "peer", "--out", str(tmp_path), "--device", "cpu"])
+    assert proc_rc == 0
+    text = (tmp_path / "README.md").read_text()
+    assert f"skipped: {missing} is missing (`make bench-env` creates it)" in text
+    assert "failed" not in text
