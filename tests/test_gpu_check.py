@@ -1,8 +1,7 @@
 """benchmarks/gpu_check.py (``make gpu-check``) where there is no GPU: CI and this machine.
 
 The checks themselves run here on the CPU (amp off, bf16 + channels_last, the device-resident
-loader, the 2-process DDP worker over gloo, a real ``normkd reproduce`` on a tiny generated
-CIFAR-100), so a change that breaks their logic fails here and not first on a lent GPU. Without a
+loader), so a change that breaks their logic fails here and not first on a lent GPU. Without a
 CUDA device the default command must say so in one line and exit 0. The CIFAR subset it packs
 for a GPU machine must read back through normkd's own reader and stay within the size limit.
 """
@@ -58,7 +57,9 @@ def test_checks_run_on_the_cpu_and_write_the_report(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)  # a stray relative path would land here, not in the repo
     data = _cifar(tmp_path / "cifar", 48, 16)
-    only = ["fp32", "channels_last", "loader", "ddp", "reproduce"]
+    # ddp and reproduce are left out here for time (~30 s): tests/engine/test_ddp.py and
+    # tests/test_reproduce.py cover the engine paths they drive.
+    only = ["fp32", "channels_last", "loader"]
     argv = ["--device", "cpu", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
     rc = gpu_check.main([*argv, "--data-root", str(data), "--only", *only])
     md = (tmp_path / "out" / "gpu.md").read_text()
@@ -69,17 +70,14 @@ def test_checks_run_on_the_cpu_and_write_the_report(
         if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("check", "---"):
             rows[cells[0]] = cells
     assert list(rows) == ["teacher", *only], md
-    for name in ("fp32", "channels_last", "ddp"):
+    for name in ("fp32", "channels_last"):
         verdict, detail = rows[name][1], rows[name][3]
         assert verdict == "ok", rows[name]
         assert "resumed at epoch 2/2" in detail and "finite losses" in detail, detail
         diff = float(detail.split("merged = FT to ")[1].split(";")[0])
         assert diff <= gpu_check.MERGE_TOL, detail
-    assert "2 processes (gloo)" in rows["ddp"][3]
     assert rows["loader"][1] == "ok" and "every image once" in rows["loader"][3]
-    assert rows["reproduce"][1] == "ok", rows["reproduce"]
-    assert "48 train / 16 test images" in rows["reproduce"][3]
-    assert (tmp_path / "out" / "gpu" / "reproduce.md").is_file()
+
     assert md.startswith("# GPU check (`make gpu-check`) on the CPU: not a GPU result")
     assert "Device: CPU" in md
 
