@@ -313,4 +313,4 @@ def test_authors_layer3_option_deploys_resnet18_with_its_inner_ft(
     assert main(argv) == 0
     plain = sum(p.numel() for p in create_model("resnet18", num_classes=1000).parameters())
     inner = sum(p.numel() for p in FeatureTransform(256, 256, 8).parameters())
-    assert f"student resnet18 ({plain + inner:,} params)" in capsys.readouterr().out
+    assert f"student resnet18 ({plain + inner:,} params; FT on its map)" in capsys.readouterr().out

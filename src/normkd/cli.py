@@ -20,7 +20,9 @@ EPILOG = "Recipes live in configs/ (e.g. configs/demo/norm_kd.yaml). Docs: READM
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="recipe YAML (see configs/)")
+    p.add_argument(
+        "config", type=Path, help="recipe YAML: a path, or a shipped name (normkd recipes)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -239,6 +241,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recipes(_args: argparse.Namespace) -> int:
+    from normkd.config import shipped_recipes
+
+    print("\n".join(shipped_recipes()))
+    return 0
+
+
 def _cmd_list(_args: argparse.Namespace) -> int:
     from normkd.models import list_models
 
@@ -342,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
 
     _add_reproduce(sub)
+
+    rec = sub.add_parser(
+        "recipes", help="print every shipped recipe's name (usable as RECIPE from any folder)"
+    )
+    rec.set_defaults(func=_cmd_recipes)
 
     lm = sub.add_parser("list-models", help="print every model name in the zoo")
     lm.set_defaults(func=_cmd_list)

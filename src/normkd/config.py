@@ -278,7 +278,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"{path}: 'base' inheritance loops back to itself")
     if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
+        raise ConfigError(
+            f"recipe not found: {path} (give a path, or a shipped name such as demo/norm_kd; "
+            "`normkd recipes` lists them)"
+        )
     try:
         data = _parse_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
@@ -430,8 +433,34 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file by path, or a shipped one by its name under configs/ (``demo/norm_kd``,
+    ``cifar100/resnet32x4__resnet8x4/norm.yaml``), so recipes work from any folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (SHIPPED / path, SHIPPED / f"{path}.yaml"):
+        if candidate.is_file() and SHIPPED in candidate.resolve().parents:
+            return candidate
+    return path
+
+
+def shipped_recipes() -> list[str]:
+    """Every shipped recipe's name, as ``normkd recipes`` lists them."""
+    return sorted(
+        str(p.relative_to(SHIPPED).with_suffix(""))
+        for p in SHIPPED.rglob("*.yaml")
+        if not p.name.startswith("_")
+    )
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (following ``base:``), apply ``--set`` overrides, validate."""
+    """Read a YAML recipe (a path or a shipped name; following ``base:``), apply ``--set``
+    overrides, validate."""
+    path = find_recipe(path)
     data = _read_yaml(Path(path))
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, str(path))

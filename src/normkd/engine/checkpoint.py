@@ -32,6 +32,7 @@ def _atomic(path: Path, write) -> None:
         raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; saved runs are ordinary files others may read
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

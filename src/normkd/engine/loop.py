@@ -374,12 +374,11 @@ def _dry_run(job: Job) -> RunResult:
     logits, losses = job.distiller(x, y, idx, 0)
     if job.runtime.is_main:
         note = " (FAKE data, as --fake-data asked)" if job.data.fake else ""
-        if isinstance(job.student, FTStudent):
-            note += f", FT form {job.student.form}"
+        ft = f"; FT on its {job.student.form}" if isinstance(job.student, FTStudent) else ""
         n_params = _params(job)
         print(
             f"dry run ok{note}: {job.recipe.name}: student {job.recipe.student.model} "
-            f"({n_params:,} params), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
+            f"({n_params:,} params{ft}), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
             f"losses {', '.join(f'{k}={float(v.detach()):.4f}' for k, v in losses.items())}"
         )
     run_dir = str(job.recipe.run_dir())
