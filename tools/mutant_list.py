@@ -662,6 +662,38 @@ MUTANTS: list[Mutant] = [
     ),
     # ------------------------------------------------------------------ api.py
     Mutant(
+        "calibrate-no-reset",
+        "normkd/engine/calibrate.py",
+        "BatchNorm recalibration keeps the stale running statistics",
+        "        m.reset_running_stats()\n",
+        "",
+        ("tests/engine/test_practical.py",),
+    ),
+    Mutant(
+        "calibrate-auto-never",
+        "normkd/engine/calibrate.py",
+        "auto recalibration never turns on for slow-momentum BatchNorm",
+        "return any(m.momentum is None or m.momentum < DEFAULT_MOMENTUM for m in batchnorms(model))",
+        "return False",
+        ("tests/engine/test_practical.py",),
+    ),
+    Mutant(
+        "step-no-grad-clip",
+        ST,
+        "optim.grad_clip ignored",
+        "        torch.nn.utils.clip_grad_norm_(params, clip)\n",
+        "",
+        ("tests/engine/test_practical.py",),
+    ),
+    Mutant(
+        "images-no-size-limit",
+        "normkd/data/imagenet.py",
+        "decompression-bomb sized images pass the folder scan",
+        "    if limit and w * h > limit:",
+        "    if False:",
+        ("tests/data/test_bad_images.py",),
+    ),
+    Mutant(
         "api-idx-ignored",
         A,
         "API replaces the dataset's sample indices by positions",
