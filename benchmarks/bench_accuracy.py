@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from normkd.sweep import run_sweep
 
     device = resolve_device(args.device)
-    n_seeds = args.seeds or (2 if args.quick else 5)
+    n_seeds = args.seeds or (1 if args.quick else 5)
     methods = [m for m in args.methods if (CONFIGS / "demo" / f"{m}.yaml").is_file()]
     missing = [m for m in args.methods if m not in methods]
     if not methods:

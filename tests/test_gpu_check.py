@@ -59,7 +59,7 @@ def test_checks_run_on_the_cpu_and_write_the_report(
     data = _cifar(tmp_path / "cifar", 48, 16)
     # ddp and reproduce are left out here for time (~30 s): tests/engine/test_ddp.py and
     # tests/test_reproduce.py cover the engine paths they drive.
-    only = ["fp32", "channels_last", "loader"]
+    only = ["fp32", "loader"]
     argv = ["--device", "cpu", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
     rc = gpu_check.main([*argv, "--data-root", str(data), "--only", *only])
     md = (tmp_path / "out" / "gpu.md").read_text()
@@ -70,7 +70,7 @@ def test_checks_run_on_the_cpu_and_write_the_report(
         if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("check", "---"):
             rows[cells[0]] = cells
     assert list(rows) == ["teacher", *only], md
-    for name in ("fp32", "channels_last"):
+    for name in ("fp32",):
         verdict, detail = rows[name][1], rows[name][3]
         assert verdict == "ok", rows[name]
         assert "resumed at epoch 2/2" in detail and "finite losses" in detail, detail

@@ -33,7 +33,7 @@ from normkd.norm import FTStudent, merge_ft
 from support import build_job, write_image_folder
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
-KILL_EPOCHS = 8  # epochs take ~0.1 s on 2 CPU cores: room to kill after epoch 1, before the end
+KILL_EPOCHS = 6  # epochs take ~0.1 s on 2 CPU cores: room to kill after epoch 1, before the end
 
 
 def _sets(*items: str) -> list[str]:

@@ -22,7 +22,7 @@ EPOCHS = 6
 # Digits, a small BatchNorm student (so resume must restore buffers too), several short epochs.
 SETS = [
     "student.model=resnet8",
-    "data.n_train=600",
+    "data.n_train=400",
     f"optim.epochs={EPOCHS}",
     "engine.device=cpu",
 ]
