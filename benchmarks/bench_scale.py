@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_at = args.n_at
     batch_at = 4 if quick and args.batch_at == 64 else args.batch_at
     warmup, repeats = (1, 1) if quick else (1, 3)
-    norm_kd, kd = PAIR / "norm_kd.yaml", PAIR / "kd.yaml"
+    pair = PAIR.parent / "resnet20__resnet8" if quick else PAIR  # smoke: the small pair
+    norm_kd, kd = pair / "norm_kd.yaml", pair / "kd.yaml"
 
     print(f"[scale] batch sweep at N={n_at}: {batches}", flush=True)
     by_batch = sweep({f"b{b}": (norm_kd, n_at, b) for b in batches}, device, warmup, repeats)
@@ -145,9 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             env0,
             "",
-            "resnet32x4 -> resnet8x4 at 32x32, 100 classes, the CIFAR-100 recipe's loss (CE + KD + "
-            "NORM; random teacher, same cost). One step = Distiller forward (teacher under no_grad, "
-            "student through FT), finite check, backward, SGD; the batch is already on the device. "
+            f"{pair.name.replace('__', ' -> ')} at 32x32, 100 classes, the CIFAR-100 recipe's loss "
+            "(CE + KD + NORM; random teacher, same cost). One step = normkd.engine.train_step "
+            "(lr, autocast, distiller forward, backward, SGD); the batch is already on the device. "
             f"Median of {repeats} timed steps after {warmup} warm-up step(s); ± is half the min-max "
             "range.",
             "",
