@@ -379,7 +379,8 @@ def _parse_yaml(text: str) -> Any:
 
 
 def _clip(text: str) -> str:
-    """A user's value as an error message repeats it: at most MAX_ECHO characters."""
+    """A user's value as an error message repeats it: one line (unprintables escaped), bounded."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 1] + "…"
 
 
