@@ -41,5 +41,5 @@ echo "== 2. distil $TEACHER into $STUDENT with NORM + KD"
 
 echo "== 3. the deployable student (FT merged): accuracy and ONNX"
 "$NORMKD" eval "$OUT/folder_norm_kd"
-"$NORMKD" export "$OUT/folder_norm_kd" --onnx "$OUT/folder_norm_kd/student.onnx" \
-  --input-shape "3,$IMAGE_SIZE,$IMAGE_SIZE" --force
+# The input shape (and mean/std, class names) come from the run and go into the ONNX metadata.
+"$NORMKD" export "$OUT/folder_norm_kd" --onnx "$OUT/folder_norm_kd/student.onnx" --force

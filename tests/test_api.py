@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import normkd
 from normkd.api import method_loss
 from normkd.cli import main
-from normkd.engine.checkpoint import load_checkpoint
+from normkd.engine.checkpoint import load_checkpoint, load_model_file
 from normkd.errors import UserError
 from normkd.losses import TERMS
 from normkd.models import create_model
@@ -231,3 +231,47 @@ def test_method_strings_map_to_loss_terms():
     assert (norm.kind, norm.weight, norm.n, norm.ramp) == ("norm", 2.0, 4, "none")
     dkd = method_loss("norm_dkd", {}, 240)[2]
     assert dkd["kind"] == "dkd" and dkd["warmup"] == 20
+
+
+def test_a_python_run_of_a_torchvision_student_opens_from_the_cli_and_exports(
+    tmp_path, data, teacher, capsys
+):
+    """A torchvision object passed from Python is saved under the name that rebuilds it, so
+    `normkd export` opens the run; Result.export and normkd.export write the same checked file."""
+    import onnx
+
+    train, val = data
+    res = normkd.distill(
+        teacher,
+        torchvision.models.mobilenet_v3_small(num_classes=3),
+        DataLoader(train, 16, shuffle=True),
+        DataLoader(val, 48),
+        method="kd",
+        epochs=1,
+        out_dir=tmp_path,
+        **Q,
+    )
+    meta = res.run.model_meta
+    assert meta["model"] == "torchvision:mobilenet_v3_small" and meta["input_shape"] == [3, 16, 16]
+    rebuilt, _ = load_model_file(res.run_dir / "model.safetensors")
+    x = val.tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), res.student.eval()(x))
+    cli_out = tmp_path / "cli.onnx"
+    assert main(["export", str(res.run_dir), "--onnx", str(cli_out)]) == 0
+    assert "input 3,16,16" in capsys.readouterr().out
+    assert res.export(tmp_path / "a.onnx") == tmp_path / "a.onnx"
+    normkd.export(res.run_dir, tmp_path / "b.onnx")
+    for f in ("cli.onnx", "a.onnx", "b.onnx"):
+        props = {e.key: e.value for e in onnx.load(str(tmp_path / f)).metadata_props}
+        assert json.loads(props["input_shape"]) == [3, 16, 16], f
+        assert json.loads(props["model"]) == "torchvision:mobilenet_v3_small", f
+    with pytest.raises(UserError, match="exists: pass force=True"):
+        res.export(tmp_path / "a.onnx")
+    # A class of the caller's own stays 'external' (nothing rebuilds it by name).
+    own = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 3))  # fmt: skip
+    from normkd.models.external import name_of
+
+    assert name_of(own, 3) is None
+    assert name_of(torchvision.models.resnet18(num_classes=3), 3) == "torchvision:resnet18"

@@ -78,6 +78,10 @@ def test_export_refuses_bad_shapes_and_paths_and_existing_files(tmp_path, model_
     line = _line([*base, str(existing), "--input-shape", "3,8,8"], capsys)
     assert "old.onnx exists; pass --force to replace it" in line
     assert existing.read_bytes() == b"keep me"
+    # A model file from before normkd stored the input shape: say how to give one.
+    line = _line([*base, str(tmp_path / "b.onnx")], capsys)
+    assert "records no input shape" in line and "--input-shape" in line
+    assert not (tmp_path / "b.onnx").exists()
 
 
 def test_merge_never_writes_over_the_runs_own_files(tmp_path, demo_teacher, capsys):

@@ -1,5 +1,6 @@
 """The command line: help, exit codes, merge and ONNX export of a NORM student."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from normkd.cli import build_parser, main
+from normkd.config import load_recipe
 from normkd.engine.checkpoint import load_model_file
 from support import DEMO, sets
 
@@ -65,6 +67,22 @@ def test_export_onnx_matches_pytorch(norm_run, tmp_path, capsys):
     assert out.is_file() and "onnxruntime max |logit diff|" in text
     diff = float(text.rsplit(":", 1)[1])
     assert diff < 1e-4
+
+
+def test_export_takes_the_runs_input_shape_and_labels_the_file(norm_run, tmp_path, capsys):
+    """No --input-shape: the run's own (digits: 3x8x8, not the old 3,32,32 default); the ONNX
+    file carries the input shape, normalisation and class count a deployment needs."""
+    import onnx
+
+    out = tmp_path / "student.onnx"
+    assert main(["export", str(norm_run), "--onnx", str(out)]) == 0
+    assert "input 3,8,8" in capsys.readouterr().out
+    props = {e.key: json.loads(e.value) for e in onnx.load(str(out)).metadata_props}
+    data = load_recipe(norm_run / "config.yaml").data
+    assert props["input_shape"] == [3, 8, 8] and props["num_classes"] == 10
+    assert props["model"] == "resnet8" and len(props["mean"]) == len(props["std"]) == 3
+    assert data.kind == "digits" and min(props["std"]) > 0
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file, renamed whole
 
 
 @pytest.mark.parametrize(

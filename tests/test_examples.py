@@ -42,6 +42,16 @@ def test_folder_distill_sh(tmp_path, image_folder):
     assert "done: folder_teacher" in out and "done: folder_norm_kd" in out
     assert (tmp_path / "runs" / "folder_teacher" / "model.safetensors").is_file()
     assert (run / "student.onnx").is_file() and "onnxruntime max |logit diff|" in out
+    import json
+
+    import onnx
+
+    props = {
+        e.key: json.loads(e.value) for e in onnx.load(str(run / "student.onnx")).metadata_props
+    }
+    assert props["input_shape"] == [3, 32, 32]  # the run's data.image_size, not a default
+    assert props["class_names"] == sorted(p.name for p in image_folder.iterdir() if p.is_dir())
+    assert props["mean"] == [0.485, 0.456, 0.406]  # the folder loader's ImageNet normalisation
     student = create_model("torchvision:mobilenet_v3_small", num_classes=3)
     load_weights(student, run / "model.safetensors")  # plain architecture: FT was merged
 

@@ -7,12 +7,12 @@ models and data through the training engine (see :mod:`normkd.api`).
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Result", "__version__", "distill"]
+__all__ = ["Result", "__version__", "distill", "export"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import normkd` (and the CLI's start-up) does not pull in torch and the engine.
-    if name in ("distill", "Result"):
+    if name in ("distill", "export", "Result"):
         from normkd import api
 
         return getattr(api, name)

@@ -34,7 +34,7 @@ from normkd.errors import UserError
 from normkd.losses import TERMS
 from normkd.models import eval_mode, get_taps
 
-__all__ = ["METHODS", "OPTIONS", "Result", "distill", "method_loss"]
+__all__ = ["METHODS", "OPTIONS", "Result", "distill", "export", "method_loss"]
 
 METHODS = (
     "vanilla",
@@ -133,6 +133,35 @@ class Result:
             recipe=recipe,
             run=run,
         )
+
+    def export(self, path: str | Path, input_shape: tuple[int, ...] | None = None) -> Path:
+        """The deployable student as ONNX (see :func:`export`)."""
+        return export(self, path, input_shape)
+
+
+def export(
+    source: Result | str | Path,
+    path: str | Path,
+    input_shape: tuple[int, ...] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a deployable student to ONNX, checked against PyTorch with onnxruntime, with its
+    input shape, normalisation and class names in the file's metadata. ``source``: a Result, a
+    run directory or a model.safetensors; ``input_shape`` (C, H, W) defaults to the run's."""
+    from normkd.engine import deploy
+    from normkd.engine.checkpoint import load_model_file
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} exists: pass force=True to replace it")
+    if isinstance(source, Result):
+        assert source.run is not None and source.run.model_meta is not None
+        model, meta = source.student, source.run.model_meta
+    else:
+        file = Path(source)
+        model, meta = load_model_file(file / "model.safetensors" if file.is_dir() else file)
+    deploy.export(copy.deepcopy(model).cpu().eval(), meta, path, input_shape)
+    return path
 
 
 class _Batches:

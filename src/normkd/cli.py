@@ -159,7 +159,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     x = next(iter(job.data.test))[0]
     merged, diff = deploy.merge_checked(job.student, x)
     _check_output(args.out, args.force)
-    save_model(args.out, merged, deploy.model_meta(recipe, job.plain, job.data.num_classes, True))
+    save_model(args.out, merged, deploy.model_meta(recipe, job.plain, job.data, True))
     n = sum(p.numel() for p in merged.parameters())
     print(
         f"merged {ckpt_path} -> {args.out}: {recipe.student.model}, {n:,} params; "
@@ -182,25 +182,26 @@ def _check_output(path: Path, force: bool) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from normkd.engine import deploy
     from normkd.engine.checkpoint import load_model_file
-    from normkd.engine.deploy import export_onnx
 
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
-    try:
-        shape = tuple(int(s) for s in args.input_shape.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise UserError(
-            f"--input-shape must be C,H,W (three positive integers), got {args.input_shape[:40]!r}"
-        )
+    shape = None
+    if args.input_shape is not None:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise UserError(
+                "--input-shape must be C,H,W (three positive integers), got "
+                f"{args.input_shape[:40]!r}"
+            )
     _check_output(args.onnx, args.force)
     model, meta = load_model_file(path)
-    try:
-        diff = export_onnx(model, args.onnx, shape)
-    except OSError as err:
-        raise UserError(f"cannot write {args.onnx}: {err.strerror or err}") from None
-    msg = f"exported {path} ({meta['model']}) -> {args.onnx}"
+    diff = deploy.export(model, meta, args.onnx, shape)
+    used = ",".join(map(str, shape or meta["input_shape"]))
+    msg = f"exported {path} ({meta['model']}, input {used}) -> {args.onnx}"
     if diff is None:
         print(msg + " (onnxruntime not installed: output not checked)")
     else:
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path, help="RUN_DIR or a model.safetensors file")
     export.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
     export.add_argument(
-        "--input-shape", default="3,32,32", help="C,H,W of the input (default 3,32,32)"
+        "--input-shape", default=None, help="C,H,W of the input (default: what the run trained on)"
     )
     export.add_argument("--force", action="store_true", help="replace an existing --onnx file")
     export.set_defaults(func=_cmd_export)

@@ -160,7 +160,7 @@ def execute(p: Planned, index: int, total: int) -> RunResult:
 def read_result(run_dir: Path) -> RunResult:
     """The RunResult a finished run wrote to summary.json."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    names = {f.name for f in fields(RunResult)} - {"history", "model"}
+    names = {f.name for f in fields(RunResult)} - {"history", "model", "model_meta"}
     return RunResult(**{k: v for k, v in summary.items() if k in names})
 
 

@@ -38,6 +38,10 @@ class Data:
     fake: bool = False
     train_size: int = 0  # images in the whole training set (a CRD memory bank's rows)
     train_labels: torch.Tensor | None = None  # their labels in index order, when known
+    # How a deployed model's inputs are made, for its metadata (None: the caller's own loaders).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    classes: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,16 @@ def _on_device(cfg: DataCfg, place: Place, split: Split, augment: Augment | None
         dict(split.info),
         train_size=len(split.x_train),
         train_labels=split.y_train.cpu(),
+        mean=tuple(split.mean),
+        std=tuple(split.std),
+        classes=split.info.get("classes"),
     )
 
 
 def _streamed(cfg: DataCfg, place: Place) -> Data:
     """DataLoaders over ImageFolder-style trees (ImageNet, or your own folder)."""
     from normkd.data import folder_loaders, imagenet_loaders
-    from normkd.data.imagenet import skipped_info
+    from normkd.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, skipped_info
 
     assert cfg.root is not None
     common = {
@@ -194,4 +201,8 @@ def _streamed(cfg: DataCfg, place: Place) -> Data:
     dataset = train.dataset  # IndexedDataset over an ImageFolder (or a split of one)
     targets = getattr(dataset.base, "targets", None)
     labels = torch.as_tensor(targets) if targets is not None else None
-    return Data(train, test, num_classes, (3, size, size), info, False, len(dataset), labels)
+    classes = info.get("classes") or getattr(dataset.base, "classes", None)
+    return Data(
+        train, test, num_classes, (3, size, size), info, False, len(dataset), labels,
+        IMAGENET_MEAN, IMAGENET_STD, list(classes) if classes else None,
+    )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,11 @@ from normkd.errors import UserError
 from normkd.models.weights import CheckpointError, safe_torch_load
 
 FORMAT = "normkd-checkpoint-v1"
-TEMP_GLOB = ".*.tmp"  # what _atomic's temp files look like; a kill -9 can leave one behind
+TEMP_GLOB = ".*.tmp"  # what atomic_write's temp files look like; a kill -9 can leave one behind
 STATE_KEYS = ("epoch", "distiller", "optimizer", "best_top1", "best_epoch", "recipe")
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Write through a temp file in the same folder, fsync, then rename over ``path``.
 
     A reader sees the old file or the new one, never a partial one, whenever the writer dies.
@@ -57,12 +58,12 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace a small text file (config.yaml, data.json, summary.json) whole."""
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Save a training state (tensors and plain data only, so it loads with weights_only)."""
-    _atomic(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def save_model(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Save deployable weights as safetensors, with the model's name/classes in the metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"normkd": json.dumps(meta)}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"normkd": json.dumps(meta)}))
 
 
 def read_model_meta(path: Path) -> dict[str, Any]:
@@ -149,6 +150,7 @@ def load_model_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 __all__ = [
+    "atomic_write",
     "atomic_write_text",
     "load_checkpoint",
     "load_file",

@@ -62,6 +62,7 @@ class RunResult:
     ft_form: str | None = None  # NORM: where FT sat (map / tokens / pooled), merged after training
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)  # deployable, once complete
+    model_meta: dict[str, Any] | None = field(default=None, repr=False)  # saved beside it
 
 
 def run_recipe(
@@ -358,11 +359,10 @@ def _finish(job: Job, run: RunDir, result: RunResult, sharded: bool) -> None:
         ranks = rt if sharded else None
         result.merged_top1 = evaluate(model, job.data.test, rt.device, ranks=ranks)["top1"]
     result.model = model
-    meta = deploy.model_meta(
-        job.recipe, job.plain, job.data.num_classes, isinstance(job.student, FTStudent)
-    )
+    meta = deploy.model_meta(job.recipe, job.plain, job.data, isinstance(job.student, FTStudent))
+    result.model_meta = meta
     summary = {f.name: getattr(result, f.name) for f in fields(result)}
-    del summary["history"], summary["model"]
+    del summary["history"], summary["model"], summary["model_meta"]
     run.finish(model, meta, summary)
     rt.barrier()
 

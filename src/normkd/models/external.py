@@ -200,3 +200,49 @@ def check_name(name: str) -> bool:
         check_torchvision_name(name[len(TV_PREFIX) :])
         return True
     return name == EXTERNAL
+
+
+def _layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _same_layout(build: Any, model: nn.Module) -> bool:
+    """Whether ``build()``, made on the meta device (no memory, no init), has ``model``'s class
+    and exactly its tensors and shapes, so ``load_weights`` restores ``model`` from its file."""
+    import torch
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = build()
+    except Exception:  # a builder that refuses these arguments is not the one
+        return False
+    return type(other) is type(model) and _layout(other) == _layout(model)
+
+
+def name_of(model: nn.Module, num_classes: int) -> str | None:
+    """The ``torchvision:<name>`` / ``timm:<name>`` that rebuilds a model object passed from
+    Python (same class, tensors and shapes), so ``normkd eval/export`` can open its run; None
+    for anything else (your own class): it stays ``external``."""
+    module = type(model).__module__
+    if module.startswith("torchvision.models"):
+        import inspect
+
+        import torchvision.models as tvm
+
+        for name in _tv_names():
+            fn = tvm.get_model_builder(name)
+            if (
+                getattr(inspect.signature(fn).return_annotation, "__name__", None)
+                != type(model).__name__
+            ):
+                continue  # the builder makes another class: no need to build it
+            if _same_layout(lambda fn=fn: fn(weights=None, num_classes=num_classes), model):
+                return TV_PREFIX + name
+    elif module.startswith("timm."):
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if isinstance(arch, str) and _same_layout(
+            lambda: _timm().create_model(arch, num_classes=num_classes), model
+        ):
+            return PREFIX + arch
+    return None
