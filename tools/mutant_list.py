@@ -435,7 +435,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "loop-sigterm-unhandled",
-        LP,
+        "normkd/signals.py",
         "SIGTERM kills the run without a line (and exit code 143)",
         "    previous = signal.signal(signal.SIGTERM, stop)",
         "    previous = signal.getsignal(signal.SIGTERM)",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from normkd import __version__
 from normkd.errors import UserError
+from normkd.signals import sigterm_as_interrupt
 
 EPILOG = "Recipes live in configs/ (e.g. configs/demo/norm_kd.yaml). Docs: README.md."
 
@@ -366,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with sigterm_as_interrupt():  # from here to exit: a run's own handler nests inside
+            return int(args.func(args))
     except UserError as err:
         print(f"normkd: error: {_one_line(err)}", file=sys.stderr)
         return 2

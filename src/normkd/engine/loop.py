@@ -7,13 +7,9 @@ resumed from ``last.pt`` ends bit-identical (on CPU) to one that never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -28,6 +24,7 @@ from normkd.engine.job import Job, assemble
 from normkd.engine.rundir import Best, RunDir, RunLock, interrupt_note
 from normkd.engine.step import EpochMeter, evaluate, train_step
 from normkd.norm import FTStudent
+from normkd.signals import Terminated, sigterm_as_interrupt
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -84,7 +81,7 @@ def run_recipe(
     """
     t0 = time.perf_counter()
     try:
-        with _sigterm_as_interrupt(), runtime.start(recipe.engine) as rt:
+        with sigterm_as_interrupt(), runtime.start(recipe.engine) as rt:
             run = RunDir(recipe, resume=resume, overwrite=overwrite, main=rt.is_main)
             lock = RunLock(run.path) if rt.is_main and not dry_run else None
             if lock is not None:
@@ -107,27 +104,6 @@ def run_recipe(
         raise TrainingInterrupted(
             interrupt_note(recipe, dry_run), exit_code=143 if isinstance(err, Terminated) else 2
         ) from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, what schedulers (SLURM, Kubernetes) send before they kill a job."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Stop on SIGTERM as on Ctrl-C: whole files only, and a line saying what last.pt holds."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread can take signals
-        return
-
-    def stop(_signum: int, _frame: object) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def fit(

@@ -1,0 +1,38 @@
+"""SIGTERM as Ctrl-C for the whole command: raised as Terminated (exit 143), handler restored."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from normkd.signals import Terminated, sigterm_as_interrupt
+
+
+def test_sigterm_inside_raises_terminated_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as caught, sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, here
+    assert caught.value.exit_code == 143 and isinstance(caught.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_cli_exits_143_with_one_line_on_sigterm_outside_a_run(tmp_path):
+    """A SIGTERM that lands outside a training run (after it finished, between the runs of a
+    `normkd reproduce`) still gets one line and 143, not Python's silent default death."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        import normkd.cli as cli
+        def late(_args):  # as after run_recipe returned and restored its own handler
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 0
+        cli._cmd_recipes = late  # the parser is built at main(): it takes this one
+        sys.exit(cli.main(["recipes"]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip() == "normkd: interrupted"
