@@ -137,8 +137,8 @@ def verify(run: Path, history: list[dict[str, Any]], diff: float | None, top1: f
 
     with open(run / "metrics.csv") as fh:
         epochs = [int(float(r["epoch"])) for r in csv.DictReader(fh)]
-    assert epochs == [0, 1], f"metrics.csv has epochs {epochs}: the resume did not continue"
-    assert [row["epoch"] for row in history] == [0, 1], history
+    assert epochs == [1, 2], f"metrics.csv has epochs {epochs}: the resume did not continue"
+    assert [row["epoch"] for row in history] == [1, 2], history
     terms = [k for k in history[-1] if k in ("ce", "kd", "norm", "loss")]
     bad = [(r["epoch"], k) for r in history for k in terms if not math.isfinite(r[k])]
     assert not bad, f"non-finite losses (epoch, term): {bad}"

@@ -375,7 +375,7 @@ def test_non_finite_loss_names_the_term_and_keeps_the_last_good_checkpoint(
     assert "the last good checkpoint is kept" in line
     assert {f: (run / f).read_bytes() for f in before} == before
     with open(run / "metrics.csv") as fh:
-        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0]
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1]
     assert not (run / "model.safetensors").exists()
 
 

@@ -31,6 +31,7 @@ from normkd.data.imagenet import IndexedDataset
 from normkd.engine.loop import RunResult, run_recipe
 from normkd.engine.runtime import resolve_device
 from normkd.errors import UserError
+from normkd.log import logger
 from normkd.losses import TERMS
 from normkd.models import eval_mode, get_taps
 
@@ -408,7 +409,7 @@ def distill(
         )
     recipe = _recipe(o, loss, kinds, teacher is not None, epochs, train)
     if val is None and not o["quiet"]:
-        print("note: no val_data: accuracy is measured on train_data")
+        logger.info("note: no val_data: accuracy is measured on train_data")
     data = _data(train, (val, val_idx) if val is not None else (train, has_idx), has_idx, x)
     data.num_classes, data.train_labels = num_classes, labels
     data.info |= {"teacher": type(teacher).__name__ if teacher else None}
@@ -468,7 +469,7 @@ def _check_crd(
     if labels is None and "negatives" not in crd:
         crd["negatives"] = "any"  # class-aware negatives need labels we cannot read here
         if not quiet:
-            print("note: CRD draws negatives from any class (train_data exposes no labels)")
+            logger.info("note: CRD draws negatives from any class (train_data exposes no labels)")
 
 
 def _check_teacher_accuracy(

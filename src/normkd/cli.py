@@ -77,7 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run or int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(
-        f"done: {recipe.name}: best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch + 1}), "
+        f"done: {recipe.name}: best top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}), "
         f"final top-1 {result.final_top1:.2f}% / top-5 {result.final_top5:.2f}%"
         + (
             f"; merged student top-1 {result.merged_top1:.2f}% "

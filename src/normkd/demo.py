@@ -126,7 +126,7 @@ def _plot(results: dict[str, list[RunResult]], path: Path) -> None:
     ax1.set_title("final accuracy (mean ± std over seeds)" if several else "final accuracy")
     ax1.tick_params(axis="x", rotation=20)
     for label, runs in zip(names, results.values()):
-        curves: list[list[Any]] = [[h["test_top1"] for h in r.history] for r in runs]
+        curves: list[list[Any]] = [[h["val_top1"] for h in r.history] for r in runs]
         n = min(len(c) for c in curves)
         mean_curve = [statistics.mean(c[i] for c in curves) for i in range(n)]
         ax2.plot(range(1, n + 1), mean_curve, label=label)

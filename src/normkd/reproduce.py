@@ -24,6 +24,7 @@ import torch
 from normkd.config import Recipe, load_recipe
 from normkd.engine import RunResult, run_recipe
 from normkd.errors import UserError
+from normkd.log import logger
 from normkd.losses import method_label
 from normkd.published import CIFAR100, SOURCES, published
 
@@ -137,22 +138,21 @@ def execute(p: Planned, index: int, total: int) -> RunResult:
     d = p.run_dir
     what = f"[reproduce] run {index}/{total}: {p.method} seed {p.seed}"
     if (d / "summary.json").is_file():
-        print(f"{what}: finished earlier, read from {d}", flush=True)
+        logger.info(f"{what}: finished earlier, read from {d}")
         return read_result(d)
     resume = (d / "last.pt").is_file()
     if resume:
         from normkd.engine.checkpoint import load_checkpoint
 
         done = load_checkpoint(d / "last.pt")["epoch"]
-        print(f"{what}: resuming at epoch {done + 1}/{p.recipe.optim.epochs}", flush=True)
+        logger.info(f"{what}: resuming at epoch {done + 1}/{p.recipe.optim.epochs}")
     else:
-        print(f"{what}: {p.recipe.optim.epochs} epochs ...", flush=True)
+        logger.info(f"{what}: {p.recipe.optim.epochs} epochs ...")
     # A folder without last.pt holds nothing to keep (a run stopped in its first epoch).
     result = run_recipe(p.recipe, resume=resume, overwrite=not resume)
-    print(
+    logger.info(
         f"{what}: best {result.best_top1:.2f}%, final {result.final_top1:.2f}% "
-        f"({result.seconds / 60:.1f} min)",
-        flush=True,
+        f"({result.seconds / 60:.1f} min)"
     )
     return result
 

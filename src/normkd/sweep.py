@@ -8,6 +8,7 @@ from pathlib import Path
 
 from normkd.config import Recipe, load_recipe
 from normkd.engine import RunResult, run_recipe
+from normkd.log import logger
 from normkd.losses import method_label
 
 
@@ -30,10 +31,10 @@ def run_sweep(
     teacher just trained. Progress goes to stdout as ``[tag] ...`` lines.
     """
     t_recipe = load_recipe(folder / "teacher.yaml", overrides)
-    print(f"[{tag}] training the teacher ({t_recipe.student.model}) ...", flush=True)
+    logger.info(f"[{tag}] training the teacher ({t_recipe.student.model}) ...")
     teacher = run_recipe(t_recipe, overwrite=True)
     t_file = Path(teacher.run_dir) / "model.safetensors"
-    print(f"[{tag}] teacher: top-1 {teacher.final_top1:.2f}% ({teacher.seconds:.1f} s)", flush=True)
+    logger.info(f"[{tag}] teacher: top-1 {teacher.final_top1:.2f}% ({teacher.seconds:.1f} s)")
     sweep = Sweep(teacher, t_recipe, {m: [] for m in methods})
     total = len(methods) * seeds
     for seed in range(seeds):
@@ -46,9 +47,8 @@ def run_sweep(
             sweep.runs[method].append(res)
             sweep.recipes[method] = recipe
             done = sum(len(r) for r in sweep.runs.values())
-            print(
+            logger.info(
                 f"[{tag}] {done}/{total} {method_label(method)} seed {seed}: top-1 "
-                f"{res.final_top1:.2f}% (best {res.best_top1:.2f}%, {res.seconds:.1f} s)",
-                flush=True,
+                f"{res.final_top1:.2f}% (best {res.best_top1:.2f}%, {res.seconds:.1f} s)"
             )
     return sweep

@@ -161,7 +161,7 @@ def test_two_processes_equal_one(tmp_path, teacher):
     ra, rb = _rows(one / "demo_norm_kd"), _rows(tmp_path / "two" / "demo_norm_kd")
     assert len(ra) == len(rb) == 3  # one line per epoch, written once
     for x, y in zip(ra, rb):
-        for col in ("ce", "kd", "norm", "loss", "test_top1"):
+        for col in ("ce", "kd", "norm", "loss", "val_top1"):
             assert float(x[col]) == pytest.approx(float(y[col]), rel=1e-5, abs=1e-6), col
     # Only one run directory was written by the two ranks.
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["demo_norm_kd"]
@@ -201,7 +201,7 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, teacher):
     b = load_checkpoint(run / "last.pt")["distiller"]
     for k in a:
         assert torch.equal(a[k], b[k]), (k, done)
-    assert [int(r["epoch"]) for r in _rows(run)] == list(range(KILL_EPOCHS))
+    assert [int(r["epoch"]) for r in _rows(run)] == list(range(1, KILL_EPOCHS + 1))
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +282,8 @@ def test_two_process_norm_run_with_ft_batchnorm_deploys_the_merged_student(tmp_p
     # whether every rank evaluated rank 0's model: after the last step each rank holds its own
     # BatchNorm running statistics, so unless they are synced before evaluation the shards are
     # scored by slightly different models (the top-1 of 6 images can hide that, the loss cannot).
-    assert float(last["test_top1"]) == pytest.approx(whole_ft["top1"], rel=1e-5)
-    assert float(last["test_loss"]) == pytest.approx(whole_ft["loss"], rel=1e-5)
+    assert float(last["val_top1"]) == pytest.approx(whole_ft["top1"], rel=1e-5)
+    assert float(last["val_loss"]) == pytest.approx(whole_ft["loss"], rel=1e-5)
     assert summary["final_top1"] == pytest.approx(whole_ft["top1"], abs=1e-9)
     assert summary["merged_top1"] == pytest.approx(whole_model["top1"], abs=1e-9)
 

@@ -102,9 +102,9 @@ def norm_run(tmp_path_factory, demo_teacher) -> tuple[Path, object]:
         ],
     )
     result = run_recipe(recipe)
-    assert result.best_epoch < 7 and result.final_top1 < result.best_top1 - 1.0, (
+    assert result.best_epoch < 8 and result.final_top1 < result.best_top1 - 1.0, (
         "precondition: the run's final accuracy must be below its best; history "
-        f"{[round(h['test_top1'], 1) for h in result.history]}"
+        f"{[round(h['val_top1'], 1) for h in result.history]}"
     )
     return out / "demo_norm", result
 
@@ -115,16 +115,16 @@ def test_resume_carries_the_best_so_far_and_drops_rows_it_redoes(norm_run, tmp_p
     holds: rows written after it (a kill between the CSV row and the checkpoint) are redone."""
     run_dir, full = norm_run
     recipe = load_recipe(run_dir / "config.yaml", [f"engine.out_dir={tmp_path}"])
-    run_recipe(recipe, stop_after_epoch=full.best_epoch + 1)
+    run_recipe(recipe, stop_after_epoch=full.best_epoch)
     part = tmp_path / "demo_norm"
     held = (part / "last.pt").read_bytes()  # the checkpoint right after the best epoch
-    run_recipe(recipe, resume=True, stop_after_epoch=full.best_epoch + 2)
+    run_recipe(recipe, resume=True, stop_after_epoch=full.best_epoch + 1)
     (part / "last.pt").write_bytes(held)  # as if killed after the next row, before its ckpt
     resumed = run_recipe(recipe, resume=True)
     assert (resumed.best_top1, resumed.best_epoch) == (full.best_top1, full.best_epoch)
     assert resumed.final_top1 == full.final_top1
     rows = _rows(part)
-    assert [int(r["epoch"]) for r in rows] == list(range(8))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))  # counted from 1
     assert [r["best_top1"] for r in rows] == [r["best_top1"] for r in _rows(run_dir)]
 
 
@@ -204,7 +204,7 @@ def test_recipe_run_trains_each_epoch_on_a_new_order(tmp_path):
     )
     assert main([*argv, *overrides]) == 0
     rows = _rows(tmp_path / "demo_vanilla")
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     loss0, loss1 = float(rows[0]["loss"]), float(rows[1]["loss"])
     assert math.isfinite(loss0) and math.isfinite(loss1)
     assert abs(loss0 - loss1) > 1e-5, (loss0, loss1)
@@ -214,17 +214,17 @@ def test_recipe_run_trains_each_epoch_on_a_new_order(tmp_path):
 
 
 def test_evaluation_runs_every_eval_every_epochs_and_at_the_end(vanilla_run):
-    """``engine.eval_every: 2`` over 4 epochs: epochs 1 and 3 (0-based) are evaluated afresh;
-    epoch 0 has no evaluation yet (test_loss nan) and epoch 2 repeats epoch 1's figures."""
+    """``engine.eval_every: 2`` over 4 epochs: epochs 2 and 4 are evaluated afresh; epoch 1 has
+    no evaluation yet (val_loss nan) and epoch 3 repeats epoch 2's figures."""
     rows = _rows(vanilla_run)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
-    assert math.isnan(float(rows[0]["test_loss"]))
-    assert math.isfinite(float(rows[1]["test_loss"]))
-    assert math.isfinite(float(rows[3]["test_loss"]))
-    for col in ("test_top1", "test_top5", "test_loss"):
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert math.isnan(float(rows[0]["val_loss"]))
+    assert math.isfinite(float(rows[1]["val_loss"]))
+    assert math.isfinite(float(rows[3]["val_loss"]))
+    for col in ("val_top1", "val_top5", "val_loss"):
         assert rows[2][col] == rows[1][col], col
     # Epoch 3 is a fresh evaluation of later weights, not a copy of epoch 1's.
-    assert rows[3]["test_loss"] != rows[1]["test_loss"]
+    assert rows[3]["val_loss"] != rows[1]["val_loss"]
 
 
 # ---- 3. best.pt -----------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_best_checkpoint_holds_the_best_epoch_not_the_last(norm_run):
     run_dir, result = norm_run
     best = load_checkpoint(run_dir / "best.pt")
     last = load_checkpoint(run_dir / "last.pt")
-    assert best["epoch"] == result.best_epoch + 1
+    assert best["epoch"] == result.best_epoch  # both count epochs from 1
     assert last["epoch"] == 8 and best["epoch"] < last["epoch"]
     recipe = load_recipe(run_dir / "config.yaml")
     test, best_student = _restore(recipe, run_dir / "best.pt")
@@ -269,12 +269,12 @@ def test_evaluate_matches_hand_computed_top1_top5_and_loss():
 
 
 def test_metrics_top5_is_its_own_figure(vanilla_run):
-    """metrics.csv test_top5 is measured, not a copy of top-1: never below it, and above it for
+    """metrics.csv val_top5 is measured, not a copy of top-1: never below it, and above it for
     a weak model."""
     rows = _rows(vanilla_run)
     for r in rows[1:]:
-        assert float(r["test_top5"]) >= float(r["test_top1"])
-    top1, top5 = float(rows[1]["test_top1"]), float(rows[1]["test_top5"])
+        assert float(r["val_top5"]) >= float(r["val_top1"])
+    top1, top5 = float(rows[1]["val_top1"]), float(rows[1]["val_top5"])
     assert top1 < 90.0, "precondition: the model must be weak for top-5 to exceed top-1"
     assert top5 > top1
 
@@ -349,7 +349,7 @@ def test_bf16_amp_autocasts_training_and_evaluation_on_cpu(tmp_path):
     assert {dt for _training, dt in off_dtypes} == {torch.float32}
     assert (True, torch.bfloat16) in bf_dtypes  # training steps
     assert (False, torch.bfloat16) in bf_dtypes  # evaluation
-    for key in ("loss", "test_loss"):
+    for key in ("loss", "val_loss"):
         a, b = off[key], bf[key]
         assert math.isfinite(a) and math.isfinite(b), key
         assert 1e-5 * abs(a) < abs(a - b) < 0.05 * abs(a), (key, a, b)

@@ -102,7 +102,7 @@ def test_slow_batchnorm_student_is_recalibrated_before_it_is_evaluated_and_saved
     auto_err = capsys.readouterr().err
     assert auto.history[-1]["train_top1"] == train_top1
     assert auto.final_top1 >= 95.0, auto.final_top1
-    assert all(row["test_top1"] >= 90.0 for row in auto.history)  # every evaluation, best.pt too
+    assert all(row["val_top1"] >= 90.0 for row in auto.history)  # every evaluation, best.pt too
     assert "normkd: warning" not in auto_err, auto_err
     saved = _student()
     load_weights(saved, auto.run_dir / "model.safetensors")
@@ -193,7 +193,7 @@ def test_two_processes_evaluate_and_save_rank_0s_recalibrated_statistics(tmp_pat
     assert len(job.data.test.dataset) == 6
     job.distiller.load_state_dict(load_checkpoint(run / "last.pt")["distiller"])
     whole = evaluate(job.student, job.data.test, CPU)
-    assert float(_last_row(run)["test_loss"]) == pytest.approx(whole["loss"], rel=1e-5)
+    assert float(_last_row(run)["val_loss"]) == pytest.approx(whole["loss"], rel=1e-5)
 
 
 # ---- optimizers ------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def test_a_run_still_at_chance_after_3_epochs_gets_one_warning_and_goes_on(tmp_p
     state = load_checkpoint(tmp_path / "stuck" / "last.pt")
     assert state["epoch"] == 4 and (tmp_path / "stuck" / "model.safetensors").is_file()
     with open(tmp_path / "stuck" / "metrics.csv", newline="") as fh:
-        top1s = [float(r["test_top1"]) for r in csv.DictReader(fh)]
+        top1s = [float(r["val_top1"]) for r in csv.DictReader(fh)]
     assert max(top1s) <= 15.0, top1s
     top1 = top1s[2]
     lines = [line for line in err.splitlines() if "within 1.5x chance" in line]
@@ -309,7 +309,7 @@ def test_a_run_still_at_chance_after_3_epochs_gets_one_warning_and_goes_on(tmp_p
 
     assert _cli_run(tmp_path, "learns", "optim.lr=0.05", "optim.epochs=3") == 0
     err = capsys.readouterr().err
-    assert float(_last_row(tmp_path / "learns")["test_top1"]) >= 30.0
+    assert float(_last_row(tmp_path / "learns")["val_top1"]) >= 30.0
     assert "warning" not in err, err
 
 

@@ -1,5 +1,7 @@
 """The run directory's guards: one writer at a time, and only finite state is ever written."""
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +98,18 @@ def test_a_non_finite_state_is_never_written_even_with_a_finite_loss(tmp_path):
         os.path.getsize(last) > 0
         and torch.isinf(load_checkpoint(last)["distiller"]["student.bn1.running_var"]).all()
     )
+
+
+def test_epochs_are_counted_from_1_wherever_a_user_reads_them(tmp_path, capsys):
+    """The CLI's done line, summary.json, metrics.csv and the checkpoints name the same epoch."""
+    argv = ["train", str(DEMO / "teacher.yaml"), "--out-dir", str(tmp_path), "--quiet"]
+    assert main([*argv, *sets(*TINY)]) == 0
+    said = int(capsys.readouterr().out.split("(epoch ", 1)[1].split(")", 1)[0])
+    run = tmp_path / "demo_teacher"
+    summary = json.loads((run / "summary.json").read_text())
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    best_row = max(rows, key=lambda r: (float(r["val_top1"]), -int(r["epoch"])))
+    assert said == summary["best_epoch"] == int(best_row["epoch"]) >= 1
+    assert load_checkpoint(run / "best.pt")["epoch"] == said
+    assert load_checkpoint(run / "best.pt")["best_epoch"] == said

@@ -63,15 +63,15 @@ def test_distill_cli_writes_every_artifact(tmp_path, teacher_file, capsys):
     assert any((run / "tb").glob("events.out.tfevents.*"))
     with open(run / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     for col in [
         "ce",
         "kd",
         "norm",
         "loss",
         "train_top1",
-        "test_top1",
-        "test_top5",
+        "val_top1",
+        "val_top5",
         "lr",
         "images_per_s",
     ]:
@@ -108,7 +108,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, teacher_file)
         assert torch.equal(a[k], b[k]), k
     assert resumed.final_top1 == full.final_top1
     with open(tmp_path / "part" / "metrics.csv") as fh:
-        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1, 2]
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
 
 
 def test_different_seeds_give_different_runs(tmp_path, teacher_file):
@@ -170,4 +170,4 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, teacher_
         run_recipe(recipe, resume=True)
     assert (tmp_path / "nan" / "last.pt").read_bytes() == poisoned
     with open(tmp_path / "nan" / "metrics.csv") as fh:
-        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0]
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1]

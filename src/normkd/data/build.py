@@ -18,6 +18,7 @@ from normkd.config import DataCfg
 from normkd.data.common import Split, fake_split
 from normkd.data.device import Augment, DeviceLoader
 from normkd.errors import ConfigError
+from normkd.log import logger
 
 # What each kind's data.root must point at (said when it is missing).
 ROOT_HINTS = {
@@ -194,7 +195,7 @@ def _streamed(cfg: DataCfg, place: Place) -> Data:
         size = cfg.image_size
     skipped = info.get("skipped", {"count": 0, "files": []})
     if skipped["count"] and place.rank == 0:
-        print(
+        logger.info(
             f"data: left out {skipped['count']:,} file(s) that are no readable image "
             f"(data.skip_bad), e.g. {skipped['files'][0]}; data.json lists them"
         )

@@ -21,6 +21,7 @@ from normkd.distiller import Distiller
 from normkd.engine.runtime import Runtime
 from normkd.engine.schedule import lr_at
 from normkd.errors import ConfigError, UserError
+from normkd.log import logger
 from normkd.losses.base import BuildContext
 from normkd.losses.norm import layer3_pair
 from normkd.models import create_model, probe
@@ -203,7 +204,7 @@ def _one_classifier(role: str, key: str, theirs: int | None, num_classes: int, l
 def _say(line: str) -> None:
     """Print on the first process only (under torchrun every rank builds the same models)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(line)
+        logger.info(line)
 
 
 def _teacher(cfg: ModelCfg, num_classes: int, allow_untrained: bool) -> nn.Module:
@@ -219,7 +220,7 @@ def _teacher(cfg: ModelCfg, num_classes: int, allow_untrained: bool) -> nn.Modul
             "checkpoint (normkd train writes RUN_DIR/model.safetensors)"
         )
     if allow_untrained and weights is not None and not Path(weights).is_file():
-        print(
+        logger.info(
             f"note: teacher weights {weights} not found; continuing with a random teacher "
             "(nothing is trained here)"
         )

@@ -10,12 +10,12 @@ from typing import Any
 class MetricsCSV:
     """Append one row per epoch; on resume, rows from epochs not in the checkpoint are dropped."""
 
-    def __init__(self, path: Path, keep_below_epoch: int | None = None) -> None:
+    def __init__(self, path: Path, keep_through_epoch: int | None = None) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = []
-        if path.exists() and keep_below_epoch is not None:
+        if path.exists() and keep_through_epoch is not None:
             with open(path, newline="") as fh:
-                self.rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < keep_below_epoch]
+                self.rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= keep_through_epoch]
             self._rewrite()
 
     def _rewrite(self) -> None:

@@ -23,6 +23,7 @@ from normkd.engine import calibrate, deploy, runtime
 from normkd.engine.job import Job, assemble
 from normkd.engine.rundir import Best, RunDir, RunLock, interrupt_note
 from normkd.engine.step import EpochMeter, evaluate, train_step
+from normkd.log import logger
 from normkd.norm import FTStudent
 from normkd.signals import Terminated, sigterm_as_interrupt
 
@@ -123,32 +124,32 @@ def fit(
     recal = _recalibration(job)
     for epoch in range(start, last):
         stats = train_epoch(job, epoch)
-        if (epoch + 1) % recipe.engine.eval_every == 0 or epoch + 1 == last:
+        done = epoch + 1  # epochs as a user counts them (metrics.csv, summary.json, lines)
+        if done % recipe.engine.eval_every == 0 or done == last:
             if recal:
                 _recalibrate(job, epoch)
             test = evaluate(
                 job.student, job.data.test, rt.device, recipe.engine.amp, rt if sharded else None
             )
-            _check_chance(job, epoch + 1, test["top1"], stats["train_top1"])
+            _check_chance(job, done, test["top1"], stats["train_top1"])
         improved = test["top1"] > best.top1
         if improved:
-            best = Best(test["top1"], epoch)
-        row = {"epoch": epoch, **stats} | {f"test_{k}": v for k, v in test.items()}
+            best = Best(test["top1"], done)
+        row = {"epoch": done, **stats} | {f"val_{k}": v for k, v in test.items()}
         row["best_top1"] = best.top1
         history.append(row)
         run.save_epoch(row, stats, test, _state(job, epoch, best), improved)
         if not (recipe.engine.quiet or not rt.is_main):
-            print(
-                f"[{recipe.name}] epoch {epoch + 1}/{recipe.optim.epochs} "
+            logger.info(
+                f"[{recipe.name}] epoch {done}/{recipe.optim.epochs} "
                 f"loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
-                f"test {test['top1']:.2f}% (best {best.top1:.2f}%) "
-                f"{stats['images_per_s']:.0f} img/s",
-                flush=True,
+                f"val {test['top1']:.2f}% (best {best.top1:.2f}%) "
+                f"{stats['images_per_s']:.0f} img/s"
             )
     final = history[-1] if history else {}
     result = RunResult(
         str(run.path), last, float(best.top1), best.epoch,
-        float(final.get("test_top1", 0.0)), float(final.get("test_top5", 0.0)),
+        float(final.get("val_top1", 0.0)), float(final.get("val_top5", 0.0)),
         _params(job), time.perf_counter() - t0, history=history,
     )  # fmt: skip
     if last == recipe.optim.epochs:  # a run stopped early on purpose has no deployable model
@@ -172,7 +173,10 @@ def train_epoch(job: Job, epoch: int) -> dict[str, float]:
     quiet = recipe.engine.quiet or not rt.is_main
     meter = EpochMeter(list(job.distiller.terms), rt.device)
     desc = f"{recipe.name} {epoch + 1}/{recipe.optim.epochs}"
-    bar = tqdm(loader, total=steps, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
+    # A bar only on a terminal: in a log file (a scheduler's, CI's) its redraws would flood it,
+    # and the epoch's own line says the same once.
+    bar_off = quiet or not sys.stderr.isatty()
+    bar = tqdm(loader, total=steps, desc=desc, disable=bar_off, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     lr = 0.0
     for step, (x, y, idx) in enumerate(bar):
@@ -180,7 +184,7 @@ def train_epoch(job: Job, epoch: int) -> dict[str, float]:
         lr = job.lr(epoch, step, steps)
         out = train_step(job, x, y, idx, epoch, lr)
         meter.add(step, out, y)
-        if not quiet and (step % 10 == 0 or step == steps - 1):  # the bar syncs anyway
+        if not bar_off and (step % 10 == 0 or step == steps - 1):  # the bar syncs anyway
             meter.check(epoch)
             bar.set_postfix(loss=f"{float(out.total):.3f}", lr=f"{lr:.3g}")
     meter.check(epoch)
@@ -205,11 +209,10 @@ def _recalibration(job: Job) -> bool:
     mode = job.recipe.engine.bn_recalibrate
     on = calibrate.wanted(mode, job.student)
     if on and mode == "auto" and job.runtime.is_main and not job.recipe.engine.quiet:
-        print(
+        logger.info(
             f"[{job.recipe.name}] the student has BatchNorm layers with momentum below 0.1: their "
             f"statistics are re-estimated on up to {job.recipe.engine.bn_recalibrate_batches} "
-            "training batches before each evaluation (engine.bn_recalibrate=off skips it)",
-            flush=True,
+            "training batches before each evaluation (engine.bn_recalibrate=off skips it)"
         )
     return on
 
@@ -236,7 +239,7 @@ def _recalibrate(job: Job, epoch: int) -> None:
 def _warn(job: Job, text: str) -> None:
     """One line on stderr from the main process, also with ``engine.quiet`` (exit code unchanged)."""
     if job.runtime.is_main:
-        print(f"normkd: warning: {text}", file=sys.stderr, flush=True)
+        logger.warning(text)
 
 
 def _check_chance(job: Job, done: int, top1: float, train_top1: float) -> None:
@@ -271,7 +274,7 @@ def _check_gap(job: Job, final: dict[str, Any], recalibrated: bool) -> None:
     than 40 points apart, evaluation under 2x chance): a model that learnt but is evaluated
     broken, e.g. BatchNorm statistics that never caught up with its weights."""
     classes = job.data.num_classes
-    train, val = final.get("train_top1"), final.get("test_top1")
+    train, val = final.get("train_top1"), final.get("val_top1")
     if train is None or val is None or classes < 2:
         return
     if train - val > 40.0 and val < 2 * 100.0 / classes:
@@ -352,10 +355,10 @@ def _dry_run(job: Job) -> RunResult:
         note = " (FAKE data, as --fake-data asked)" if job.data.fake else ""
         ft = f"; FT on its {job.student.form}" if isinstance(job.student, FTStudent) else ""
         n_params = _params(job)
-        print(
+        logger.info(
             f"dry run ok{note}: {job.recipe.name}: student {job.recipe.student.model} "
             f"({n_params:,} params{ft}), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
             f"losses {', '.join(f'{k}={float(v.detach()):.4f}' for k, v in losses.items())}"
         )
     run_dir = str(job.recipe.run_dir())
-    return RunResult(run_dir, 0, 0.0, -1, 0.0, 0.0, _params(job), 0.0, fake_data=job.data.fake)
+    return RunResult(run_dir, 0, 0.0, 0, 0.0, 0.0, _params(job), 0.0, fake_data=job.data.fake)

@@ -101,10 +101,11 @@ class RunLock:
 
 @dataclass
 class Best:
-    """The best test top-1 so far and its epoch (-1: none yet)."""
+    """The best test top-1 so far and its epoch, counted from 1 as everywhere a user reads it
+    (metrics.csv, summary.json, the CLI; 0: none yet)."""
 
     top1: float = -1.0
-    epoch: int = -1
+    epoch: int = 0
 
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
@@ -162,8 +163,8 @@ class RunDir:
             config = yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False)
             atomic_write_text(self.path / "config.yaml", config)
             atomic_write_text(self.path / "data.json", json.dumps(data_info, default=str))
-            self.csv = MetricsCSV(self.path / "metrics.csv", keep_below_epoch=start)
-            self.tb = TensorBoard(self.path / "tb", purge_step=start)
+            self.csv = MetricsCSV(self.path / "metrics.csv", keep_through_epoch=start)
+            self.tb = TensorBoard(self.path / "tb", purge_step=start + 1)  # steps: 1-based epochs
 
     def _clear(self) -> None:
         for f in self._existing():
@@ -199,7 +200,7 @@ class RunDir:
         check_finite(state, test, row["epoch"])  # a poisoned state never replaces a good one
         self.csv.append(row)
         scalars = {f"train/{k}": v for k, v in stats.items()}
-        self.tb.scalars(scalars | {f"test/{k}": v for k, v in test.items()}, row["epoch"])
+        self.tb.scalars(scalars | {f"val/{k}": v for k, v in test.items()}, row["epoch"])
         save_checkpoint(self.path / "last.pt", state)
         if best_now:
             save_checkpoint(self.path / "best.pt", state)
@@ -231,9 +232,9 @@ def check_finite(state: dict[str, Any], test: dict[str, float], epoch: int) -> N
     if bad or (loss == loss and not math.isfinite(loss)):  # nan: not evaluated this epoch
         what = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteStateError(
-            f"the model became non-finite in epoch {epoch + 1} ("
+            f"the model became non-finite in epoch {epoch} ("
             + (what or f"test loss {loss}")
-            + f"); stopped before writing it: last.pt still holds epoch {epoch} (try a lower lr)"
+            + f"); stopped before writing it: last.pt still holds epoch {epoch - 1} (try a lower lr)"
         )
 
 
