@@ -11,7 +11,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev,onnx,timm]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,all]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -57,7 +57,7 @@ $(BENCH_STAMP): pyproject.toml requirements.lock
 	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q $(TORCH_PINS)
 	$(BENCH_VENV)/bin/pip install -q --no-deps $(PEER_PINS)
-	$(BENCH_VENV)/bin/pip install -q -c requirements.lock -e . $(PEER_EXTRA)
+	$(BENCH_VENV)/bin/pip install -q -c requirements.lock -e '.[plots]' $(PEER_EXTRA)
 	touch $(BENCH_STAMP)
 
 bench-env: $(BENCH_STAMP)

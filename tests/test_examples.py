@@ -66,3 +66,27 @@ def test_python_api_py(tmp_path, write_images):
     assert (out_dir / "distill_norm_kd" / "metrics.csv").is_file()
     state = torch.load(out_dir / "student.pt", weights_only=True)
     assert "classifier.0.weight" in state  # a plain torchvision MobileNetV3: FT merged away
+
+
+def test_pretrained_folder_sh(tmp_path, image_folder):
+    """Pretrained teacher + pretrained student + an image folder, with stand-in checkpoints the
+    example writes itself: both heads are replaced, the student deploys merged, ONNX labelled."""
+    env = _env() | {
+        "DATA": str(image_folder),
+        "OUT": str(tmp_path / "runs"),
+        "STAND_IN": "1",
+        "EPOCHS": "1",
+        "TEACHER_EPOCHS": "1",
+        "IMAGE_SIZE": "32",
+        "BATCH": "10",
+        "DEVICE": "cpu",
+        "PYTHON": sys.executable,
+    }
+    extra = ["--quiet", "--set", "data.workers=0"]
+    out = _run(["bash", str(EXAMPLES / "pretrained_folder.sh"), *extra], env)
+    assert out.count("kept a new classifier (3 classes) instead of the checkpoint's 1000") == 2
+    run = tmp_path / "runs" / "pretrained_norm_kd"
+    assert "done: pretrained_norm_kd" in out and "top-1" in out
+    assert (run / "student.onnx").is_file() and "onnxruntime max |logit diff|" in out
+    student = create_model("torchvision:mobilenet_v3_small", num_classes=3)
+    load_weights(student, run / "model.safetensors")  # plain architecture: FT was merged

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 
 from normkd.engine import RunResult
+from normkd.engine.checkpoint import atomic_write, atomic_write_text
 from normkd.errors import UserError
+from normkd.extras import available, missing_line
+from normkd.log import logger
 from normkd.losses import method_label
 from normkd.sweep import Sweep, run_sweep
 
@@ -71,11 +74,13 @@ def run_demo(
         f"Device: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{time.strftime('%Y-%m-%d')}. Wall time {time.perf_counter() - t0:.0f} s.\n\n"
     )
-    md.write_text(header + table + "\n")
-    _plot(sweep.runs, png)
+    atomic_write_text(md, header + table + "\n")
+    drawn = _plot(sweep.runs, png)
     print()
     print(table)
-    print(f"\n[demo] table: {md}\n[demo] plot:  {png}\n[demo] runs:  {out_dir}/")
+    print(
+        f"\n[demo] table: {md}\n[demo] plot:  {png if drawn else '(none)'}\n[demo] runs:  {out_dir}/"
+    )
     print(f"[demo] wall time {time.perf_counter() - t0:.0f} s")
     return sweep.runs
 
@@ -105,7 +110,11 @@ def _table(sweep: Sweep, n_seeds: int) -> str:
     return "\n".join(rows)
 
 
-def _plot(results: dict[str, list[RunResult]], path: Path) -> None:
+def _plot(results: dict[str, list[RunResult]], path: Path) -> bool:
+    """Final top-1 per method and mean test curves; False (and a warning) without matplotlib."""
+    if not available("matplotlib"):
+        logger.warning(f"{missing_line('matplotlib')}; {path} is not drawn")
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,5 +144,5 @@ def _plot(results: dict[str, list[RunResult]], path: Path) -> None:
     ax2.set_title("training curves (mean over seeds)")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -23,7 +23,9 @@ import torch
 
 from normkd.config import Recipe, load_recipe
 from normkd.engine import RunResult, run_recipe
+from normkd.engine.checkpoint import atomic_write, atomic_write_text
 from normkd.errors import UserError
+from normkd.extras import available, missing_line
 from normkd.log import logger
 from normkd.losses import method_label
 from normkd.published import CIFAR100, SOURCES, published
@@ -194,11 +196,11 @@ def reproduce(
     comp.seconds = time.perf_counter() - t0
     text = markdown(comp, runs[0].recipe if runs else None)
     folder = out_dir / pair / scale
-    (folder / "results.md").write_text(text)
+    atomic_write_text(folder / "results.md", text)
     plot(comp, folder / "results.png")
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(text)
+        atomic_write_text(report, text)
         plot(comp, report.with_suffix(".png"))
     print("\n" + text)
     return comp
@@ -279,6 +281,9 @@ def _footer(comp: Comparison) -> str:
 
 def plot(comp: Comparison, path: Path) -> None:
     """Final top-1 per method (mean, dots per seed) beside the published figure."""
+    if not available("matplotlib"):
+        logger.warning(f"{missing_line('matplotlib')}; {path} is not drawn")
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,5 +303,5 @@ def plot(comp: Comparison, path: Path) -> None:
     ax.set_title(f"{comp.pair}, {comp.scale} ({comp.epochs} epochs); red: published (240 ep)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

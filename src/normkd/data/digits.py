@@ -8,6 +8,7 @@ from torch import Tensor
 
 from normkd.data.common import Split, channel_stats
 from normkd.errors import DataError
+from normkd.extras import require
 
 NUM_DIGITS = 1797
 
@@ -29,7 +30,7 @@ def _stratified_train_indices(y: Tensor, n_train: int, g: torch.Generator) -> Te
 
 def load_digits_split(seed: int = 0, n_train: int = 1000) -> Split:
     """Digits as uint8 (N, 3, 8, 8) with a seeded stratified split the engine can record."""
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets").load_digits
 
     if not 1 <= n_train < NUM_DIGITS:
         raise DataError(f"digits n_train must be between 1 and {NUM_DIGITS - 1}, got {n_train}")

@@ -18,6 +18,7 @@ from normkd.config import Recipe
 from normkd.data.build import Data
 from normkd.engine.checkpoint import atomic_write
 from normkd.errors import UserError
+from normkd.extras import require
 from normkd.models.external import EXTERNAL, name_of
 from normkd.norm import FTStudent, max_logit_diff, merge_ft
 
@@ -99,12 +100,7 @@ def _onnx_metadata(path: Path, meta: dict[str, Any]) -> None:
 def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> float | None:
     """Export to ONNX (batch axis dynamic); returns onnxruntime's max |logit diff| vs PyTorch,
     or None when onnxruntime is not installed. A difference above 1e-3 is refused."""
-    try:
-        import onnx  # noqa: F401  (the exporter writes through it; say which extra is missing)
-    except ImportError:
-        raise UserError(
-            "ONNX export needs the optional extra: pip install 'normkd[onnx]'"
-        ) from None
+    require("onnx")  # the exporter and the metadata write through it: name the extra first
     x = torch.randn(1, *input_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

@@ -6,6 +6,9 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from normkd.extras import available, missing_line
+from normkd.log import logger
+
 
 class MetricsCSV:
     """Append one row per epoch; on resume, rows from epochs not in the checkpoint are dropped."""
@@ -38,11 +41,15 @@ class TensorBoard:
     """Thin wrapper so a missing/broken tensorboard install never stops training."""
 
     def __init__(self, logdir: Path, purge_step: int | None = None) -> None:
+        self.writer = None
+        if not available("tensorboard"):
+            logger.info(f"note: {missing_line('tensorboard')}; metrics.csv has the same figures")
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
-        except Exception:  # tensorboard is optional at run time
+        except Exception:  # a broken install never stops training
             self.writer = None
 
     def scalars(self, values: dict[str, float], step: int) -> None:

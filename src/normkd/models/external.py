@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from normkd.errors import UserError
+from normkd.extras import require
 from normkd.models.weights import CheckpointError
 
 PREFIX = "timm:"
@@ -32,11 +33,7 @@ EXTERNAL_HELP = (
 
 
 def _timm() -> Any:
-    try:
-        import timm
-    except ImportError:
-        raise UserError("timm models need the optional extra: pip install 'normkd[timm]'") from None
-    return timm
+    return require("timm")
 
 
 def check_timm_name(name: str) -> str:
