@@ -105,3 +105,18 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(argv, needle, tmp_pat
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_command_sets_the_task_of_a_recipe_that_names_none(tmp_path, capsys):
+    """`normkd train` on a recipe without `task:` trains (no teacher needed); a recipe that
+    names the other task is still refused with the command to use."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(
+        "name: mine\nstudent: {model: tinycnn, kwargs: {width: 4}}\nloss: [{kind: ce}]\n"
+        "data: {kind: digits, n_train: 64}\noptim: {epochs: 1, milestones: []}\n"
+        f"engine: {{device: cpu, quiet: true, out_dir: {tmp_path}}}\n"
+    )
+    assert main(["train", str(recipe)]) == 0
+    assert (tmp_path / "mine" / "model.safetensors").is_file()
+    assert main(["distill", str(recipe), "--dry-run"]) == 2  # distill needs a teacher
+    assert "needs a teacher" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append("engine.quiet=true")
     if args.out_dir is not None:
         overrides.append(f"engine.out_dir={args.out_dir}")
-    recipe = load_recipe(args.config, overrides)
+    recipe = load_recipe(args.config, overrides, task=args.command)
     if recipe.task != args.command:
         raise UserError(
             f"{args.config} is a '{recipe.task}' recipe; run it with `normkd {recipe.task}`"

@@ -458,11 +458,15 @@ def shipped_recipes() -> list[str]:
     )
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, task: str | None = None
+) -> Recipe:
     """Read a YAML recipe (a path or a shipped name; following ``base:``), apply ``--set``
-    overrides, validate."""
+    overrides, validate. ``task``: the command's (``normkd train``), for a recipe naming none."""
     path = find_recipe(path)
     data = _read_yaml(Path(path))
+    if task is not None:
+        data.setdefault("task", task)
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, str(path))
 
