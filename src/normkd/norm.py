@@ -58,6 +58,7 @@ from normkd.models.taps import (
     get_module,
     get_taps,
     probe,
+    run_hooked,
 )
 
 __all__ = [
@@ -688,12 +689,7 @@ def _head_inputs(
         get_module(model, name).register_forward_pre_hook(on_head)
         for name in (spec.classifier, *spec.heads)
     ]
-    try:
-        with eval_mode(model):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, x, handles)
     if not shapes or not got:
         raise ValueError(
             f"{type(model).__name__}: its taps {spec.feat!r} / "

@@ -349,13 +349,18 @@ def _trace(model: nn.Module, x: torch.Tensor) -> Calls:
         m.register_forward_hook(lambda mod, _i, out: calls.append((names[mod], mod, out)))
         for m in model.modules()
     ]
+    run_hooked(model, x, handles)
+    return calls
+
+
+def run_hooked(model: nn.Module, x: torch.Tensor, handles: list[Any]) -> None:
+    """One eval-mode forward of ``model`` on ``x`` for the hooks it holds, removed after."""
     try:
         with eval_mode(model):
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return calls
 
 
 _POOLS = (
