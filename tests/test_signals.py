@@ -36,3 +36,22 @@ def test_the_cli_exits_143_with_one_line_on_sigterm_outside_a_run(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip() == "normkd: interrupted"
+
+
+def test_a_finished_command_keeps_its_exit_code_through_teardown():
+    """After the command's work (normkd's process entry), a SIGTERM during interpreter teardown
+    no longer kills it as -15: the finished command exits with its own code."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        import normkd.cli as cli
+        cli._cmd_recipes = lambda _args: 0
+        sys.argv = ["normkd", "recipes"]
+        rc = cli.entry()
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's, while torch tears down
+        time.sleep(0.2)
+        sys.exit(rc)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)

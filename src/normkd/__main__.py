@@ -1,5 +1,5 @@
 """``python -m normkd`` (what torchrun launches) runs the CLI."""
 
-from normkd.cli import main
+from normkd.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

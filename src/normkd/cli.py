@@ -384,3 +384,14 @@ def _one_line(err: BaseException) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def entry() -> int:
+    """The ``normkd`` process (console script, ``python -m normkd``): :func:`main`, then
+    SIGTERM ignored for the interpreter's own teardown (about a second with torch loaded), so a
+    scheduler's SIGTERM there cannot turn a finished command's exit code into a kill."""
+    import signal
+
+    code = main()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
