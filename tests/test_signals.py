@@ -49,6 +49,7 @@ def test_a_finished_command_keeps_its_exit_code_through_teardown():
         sys.argv = ["normkd", "recipes"]
         rc = cli.entry()
         os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's, while torch tears down
+        os.kill(os.getpid(), signal.SIGINT)  # a late Ctrl-C
         time.sleep(0.2)
         sys.exit(rc)
         """

@@ -43,10 +43,10 @@ EXIT = {"SIGKILL": -signal.SIGKILL, "SIGTERM": 143, "SIGINT": 2}  # what each mu
 
 def kinds(work: Path) -> dict[str, list[str]]:
     """``--set`` items of each data kind's small BatchNorm run (several checkpointed epochs)."""
-    folder = write_image_folder(work / "images", classes=3, per_class=40, size=24)
+    folder = write_image_folder(work / "images", classes=3, per_class=100, size=24)
     common = [f"optim.epochs={EPOCHS}", "engine.device=cpu"]
     return {
-        "digits": ["student.model=resnet8", "data.n_train=400", *common],
+        "digits": ["student.model=resnet8", "data.n_train=1200", *common],
         "folder": [
             "student.model=tinycnn",
             "student.kwargs={width: 8}",
@@ -77,9 +77,30 @@ def finish(out: Path, sets: list[str], *extra: str) -> subprocess.CompletedProce
     return proc
 
 
-def whole_files(run: Path) -> list[str]:
-    """What is wrong with the files a stopped run left (empty: nothing)."""
-    bad = [f"temp file left: {p.name}" for p in run.glob(".*.tmp")]
+def timed_reference(out: Path, sets: list[str]) -> tuple[float, float]:
+    """Run uninterrupted; (s until config.yaml appears, s until summary.json does)."""
+    run = out / "demo_teacher"
+    proc = subprocess.Popen(command(out, sets, "--overwrite"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env())  # fmt: skip
+    t0, begins, ends = time.perf_counter(), None, None
+    while proc.poll() is None or ends is None:
+        now = time.perf_counter() - t0
+        if begins is None and (run / "config.yaml").exists():
+            begins = now
+        if ends is None and (run / "summary.json").exists():
+            ends = now
+        if proc.poll() is not None and ends is None:
+            break
+        time.sleep(0.005)
+    if proc.returncode != 0 or begins is None or ends is None:
+        raise RuntimeError(f"reference run in {out} failed: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+    return begins, ends
+
+
+def whole_files(run: Path, temps_allowed: bool = False) -> list[str]:
+    """What is wrong with the files a stopped run left (empty: nothing). A SIGKILL during a
+    write leaves its temp file (nothing can run then); the next run must remove it."""
+    bad = [] if temps_allowed else [f"temp file left: {p.name}" for p in run.glob(".*.tmp")]
     for name in ("last.pt", "best.pt"):
         if (run / name).exists():
             try:
@@ -154,11 +175,13 @@ def trial(out: Path, sets: list[str], sig: str, delay: float, reference: Path, t
     else:
         t.problems.append(f"{sig} after {delay:.2f}s: exit {proc.returncode}: {err[-300:]}")
     t.stopped_mid_run += not finished and not early
-    bad = whole_files(run) if run.exists() else []
+    bad = whole_files(run, temps_allowed=sig == "SIGKILL") if run.exists() else []
     t.whole += not bad
     t.problems += [f"{sig} after {delay:.2f}s: {b}" for b in bad]
     # Resume (or start again, when the signal came before the first checkpoint) to the end.
     finish(out, sets, "--resume" if (run / "last.pt").exists() else "--overwrite")
+    bad = [f"after --resume: temp file left: {p.name}" for p in run.glob(".*.tmp")]
+    t.problems += [f"{sig} after {delay:.2f}s: {b}" for b in bad]
     if same_state(reference, run / "last.pt"):
         t.identical += 1
     else:
@@ -203,15 +226,14 @@ def main() -> int:
     cells: dict[tuple[str, str], Tally] = {}
     for kind, sets in kinds(args.out).items():
         ref_out = args.out / kind / "reference"
-        start = time.perf_counter()
-        finish(ref_out, sets, "--overwrite")
-        duration = time.perf_counter() - start  # start-up + EPOCHS epochs
-        print(f"[soak] {kind}: uninterrupted run {duration:.1f} s", flush=True)
+        begins, ends = timed_reference(ref_out, sets)
+        print(f"[soak] {kind}: uninterrupted run, its directory from {begins:.1f} s to the "
+              f"summary at {ends:.1f} s", flush=True)  # fmt: skip
         reference = ref_out / "demo_teacher" / "last.pt"
         for sig in SIGNALS:
             t = cells[(kind, sig)] = Tally()
             for i in range(args.trials):
-                delay = rng.uniform(0.3, duration)  # anywhere: start-up, epochs, final writes
+                delay = rng.uniform(begins, ends)  # within the run: build, epochs, final writes
                 trial(args.out / kind / f"{sig}_{i}", sets, sig, delay, reference, t)
                 print(f"[soak] {kind} {sig} {i + 1}/{args.trials}: {t}", flush=True)
     races = [
@@ -243,7 +265,9 @@ def report(path: Path, cells: dict, races: list, seconds: float, args: argparse.
         f"; CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f", {seconds / 60:.1f} min, load average {os.getloadavg()[0]:.2f}.\n\n"
         f"Each trial: `normkd train` ({EPOCHS} epochs, a BatchNorm student) gets the signal "
-        "after a random delay over the run's whole duration (start-up included); the files it "
+        "after a random delay drawn between the moments an uninterrupted run wrote its "
+        "config.yaml and its summary.json (machine load moves a few trials to before the run "
+        "directory exists or after the run finished: the columns count them); the files it "
         "leaves are checked (checkpoints load with weights_only and hold finite tensors, "
         "metrics.csv/config.yaml/data.json parse, no temp file), then `--resume` runs to the "
         "end and its last.pt is compared tensor for tensor with an uninterrupted run's.\n\n"

@@ -388,10 +388,12 @@ if __name__ == "__main__":
 
 def entry() -> int:
     """The ``normkd`` process (console script, ``python -m normkd``): :func:`main`, then
-    SIGTERM ignored for the interpreter's own teardown (about a second with torch loaded), so a
-    scheduler's SIGTERM there cannot turn a finished command's exit code into a kill."""
+    SIGTERM and SIGINT ignored for the interpreter's own teardown (about a second with torch
+    loaded), so a scheduler's SIGTERM or a late Ctrl-C there cannot turn a finished command's
+    exit code into a kill (-15, or -2 with Python's KeyboardInterrupt at exit)."""
     import signal
 
     code = main()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     return code
