@@ -220,6 +220,10 @@ def main() -> int:
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/results/soak.md")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # Started in the background (nohup, `&`), this process ignores SIGINT, and an ignored signal
+    # stays ignored in every child it starts: the SIGINT trials would test nothing. A handler of
+    # our own is reset to the default on exec, so each normkd child takes Ctrl-C as a user's does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
