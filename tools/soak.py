@@ -4,7 +4,8 @@
 
 For each data kind (the digits device loader, an image folder through DataLoaders) and each
 signal (SIGKILL, SIGTERM, SIGINT), ``--trials`` times: start ``normkd train`` as a subprocess,
-send the signal after a random delay drawn over the run's measured duration, then check that
+send the signal at a random moment of the run (after its run directory appears, within
+the time an uninterrupted run takes to finish from there), then check that
 every file left behind is whole (``last.pt`` loads with weights_only, ``metrics.csv`` and
 ``config.yaml`` parse, no temp file left, no non-finite tensor), run ``--resume`` to the end, and
 compare the final ``last.pt`` tensor for tensor with an uninterrupted run. Then ``--races``
@@ -148,14 +149,17 @@ class Tally:
 
 
 def trial(out: Path, sets: list[str], sig: str, delay: float, reference: Path, t: Tally) -> None:
-    """One run stopped by ``sig`` after ``delay`` s, checked, resumed and compared."""
+    """One run stopped by ``sig`` ``delay`` s after its run directory appeared (its start-up
+    takes what the machine's load makes it take), checked, resumed and compared."""
+    run = out / "demo_teacher"
     proc = subprocess.Popen(
         command(out, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
     )
+    while not (run / "config.yaml").exists() and proc.poll() is None:
+        time.sleep(0.002)
     time.sleep(delay)
     proc.send_signal(SIGNALS[sig])
     _, err = proc.communicate(timeout=600)
-    run = out / "demo_teacher"
     t.trials += 1
     finished = proc.returncode == 0
     # Before the run directory exists the process is still importing Python/torch: the signal
@@ -237,7 +241,7 @@ def main() -> int:
         for sig in SIGNALS:
             t = cells[(kind, sig)] = Tally()
             for i in range(args.trials):
-                delay = rng.uniform(begins, ends)  # within the run: build, epochs, final writes
+                delay = rng.uniform(0.0, ends - begins)  # within the run: epochs, final writes
                 trial(args.out / kind / f"{sig}_{i}", sets, sig, delay, reference, t)
                 print(f"[soak] {kind} {sig} {i + 1}/{args.trials}: {t}", flush=True)
     races = [
@@ -269,9 +273,9 @@ def report(path: Path, cells: dict, races: list, seconds: float, args: argparse.
         f"; CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f", {seconds / 60:.1f} min, load average {os.getloadavg()[0]:.2f}.\n\n"
         f"Each trial: `normkd train` ({EPOCHS} epochs, a BatchNorm student) gets the signal "
-        "after a random delay drawn between the moments an uninterrupted run wrote its "
-        "config.yaml and its summary.json (machine load moves a few trials to before the run "
-        "directory exists or after the run finished: the columns count them); the files it "
+        "a random delay after its config.yaml appears, drawn up to the time an uninterrupted "
+        "run took from its config.yaml to its summary.json (machine load moves some trials "
+        "past the end of the run: the columns count them); the files it "
         "leaves are checked (checkpoints load with weights_only and hold finite tensors, "
         "metrics.csv/config.yaml/data.json parse, no temp file), then `--resume` runs to the "
         "end and its last.pt is compared tensor for tensor with an uninterrupted run's.\n\n"
