@@ -106,10 +106,30 @@ def write_index(
             parts += ["", f"## {name}: targets", "", *table]
         if (out / f"{name}.png").is_file():
             parts += ["", f"![{name}]({name}.png)"]
+    parts += other_reports(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "README.md"
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+# Reports in the same folder that other commands write (longer runs than make bench).
+OTHER_REPORTS = {
+    "cifar100": "`normkd reproduce cifar100 ... --scale short --report ...`: real CIFAR-100 table",
+    "soak": "`python tools/soak.py`: signals at random points of runs, racing writers",
+    "mutants": "`make mutants`: named semantic mutants against the test suite",
+}
+
+
+def other_reports(out: Path) -> list[str]:
+    """Index lines for the reports of OTHER_REPORTS present in ``out``."""
+    rows = [
+        [f"[{n}]({n}.md)", what] for n, what in OTHER_REPORTS.items() if (out / f"{n}.md").is_file()
+    ]
+    if not rows:
+        return []
+    return ["", "## Reports of other commands (not run by make bench)", "",
+            md_table(["report", "made by"], rows)]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
