@@ -277,7 +277,8 @@ def report(path: Path, cells: dict, races: list, seconds: float, args: argparse.
         "run took from its config.yaml to its summary.json (machine load moves some trials "
         "past the end of the run: the columns count them); the files it "
         "leaves are checked (checkpoints load with weights_only and hold finite tensors, "
-        "metrics.csv/config.yaml/data.json parse, no temp file), then `--resume` runs to the "
+        "metrics.csv/config.yaml/data.json parse, no temp file: a SIGKILL mid-write may leave "
+        "one, which the resume must remove), then `--resume` runs to the "
         "end and its last.pt is compared tensor for tensor with an uninterrupted run's.\n\n"
         + "\n".join(rows)
         + f"\n\nTwo writers started together into one run directory, {len(races)} times: "
