@@ -40,7 +40,11 @@ CIFAR_PAIRS = {
 # normkd's own CPU-sized pair (not in the paper), set up like resnet56 -> resnet20.
 OWN_PAIRS = {("resnet20", "resnet8")}
 # normkd's own mixed CNN / ViT pairs (not in the paper), on the same benchmark schedule.
-OWN_PAIRS |= {("resnet32x4", "vit_tiny_p4"), ("vit_small_p4", "resnet8x4")}
+OWN_PAIRS |= {
+    ("resnet32x4", "vit_tiny_p4"),
+    ("vit_small_p4", "resnet8x4"),
+    ("resnet20", "vit_mini_p4"),
+}
 CIFAR_PAIRS |= OWN_PAIRS
 CIFAR_TEACHERS = {t for t, _ in CIFAR_PAIRS}
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01 in the CRD benchmark

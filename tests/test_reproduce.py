@@ -71,8 +71,18 @@ def test_short_scale_shrinks_the_schedule_and_its_ramps():
     assert scale_overrides(recipe, "paper", None) == []
 
 
+def test_the_users_set_items_win_over_the_scales_schedule(tmp_path):
+    _, runs = plan(PAIR, ["kd"], 1, "short", tmp_path, tmp_path, 6, tmp_path / "t.safetensors")
+    assert runs[0].recipe.optim.warmup_epochs == 0  # the scaled warm-up rounds to 0 here
+    extra = ["optim.warmup_epochs=1"]
+    _, runs = plan(
+        PAIR, ["kd"], 1, "short", tmp_path, tmp_path, 6, tmp_path / "t.safetensors", extra
+    )
+    assert (runs[0].recipe.optim.warmup_epochs, runs[0].recipe.optim.epochs) == (1, 6)
+
+
 def test_every_paper_pair_has_its_published_row_and_the_table_shows_it():
-    own = {PAIR, "resnet32x4__vit_tiny_p4", "vit_small_p4__resnet8x4"}  # normkd's, not the paper's
+    own = {PAIR, "resnet32x4__vit_tiny_p4", "vit_small_p4__resnet8x4", "resnet20__vit_mini_p4"}
     assert set(CIFAR100) - {"resnet110__resnet20"} == set(pairs()) - own
     assert not own & set(CIFAR100)
     comp = Comparison("resnet32x4__resnet8x4", "paper", 240, None)

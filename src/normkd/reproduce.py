@@ -101,7 +101,10 @@ def plan(
     teacher_weights: Path | None = None,
     extra: list[str] | None = None,
 ) -> tuple[Planned | None, list[Planned]]:
-    """The teacher's run (None with ``teacher_weights``) and each method x seed run, resolved."""
+    """The teacher's run (None with ``teacher_weights``) and each method x seed run, resolved.
+
+    ``extra`` (the user's ``--set`` items) is applied last, so it wins over the scale's schedule
+    (e.g. ``optim.warmup_epochs=1`` on a short run whose scaled warm-up rounds to 0)."""
     folder = CONFIGS / pair
     if pair not in pairs():
         raise UserError(f"unknown pair {pair!r}; valid: {', '.join(pairs())}")
@@ -116,7 +119,8 @@ def plan(
         f"engine.out_dir={out_dir / pair / scale}",
         "engine.quiet=true",
     ]
-    base += list(extra or [])
+    extra = list(extra or [])
+    base += extra
 
     def resolve(path: Path, method: str, seed: int) -> Planned:
         over = [*base, f"engine.run_name={method}_seed{seed}", f"engine.seed={seed}"]
@@ -124,7 +128,7 @@ def plan(
         if first.teacher is not None:  # students read the teacher this comparison uses
             over.append(f"teacher.weights={teacher_weights}")
         return Planned(
-            method, seed, load_recipe(path, over + scale_overrides(first, scale, epochs))
+            method, seed, load_recipe(path, over + scale_overrides(first, scale, epochs) + extra)
         )
 
     teacher = None
