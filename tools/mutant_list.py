@@ -308,8 +308,8 @@ MUTANTS: list[Mutant] = [
         "loop-sharded-eval-unreduced",
         LP,
         "DDP evaluation reports rank 0's shard only",
-        "recipe.engine.amp, rt if sharded else None",
-        "recipe.engine.amp, None",
+        "rt.amp, rt if sharded else None",
+        "rt.amp, None",
         T_DDP,
     ),
     Mutant(

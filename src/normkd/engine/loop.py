@@ -128,9 +128,7 @@ def fit(
         if done % recipe.engine.eval_every == 0 or done == last:
             if recal:
                 _recalibrate(job, epoch)
-            test = evaluate(
-                job.student, job.data.test, rt.device, recipe.engine.amp, rt if sharded else None
-            )
+            test = evaluate(job.student, job.data.test, rt.device, rt.amp, rt if sharded else None)
             _check_chance(job, done, test["top1"], stats["train_top1"])
         improved = test["top1"] > best.top1
         if improved:

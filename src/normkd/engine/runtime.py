@@ -35,6 +35,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (not by emulation, which is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``engine.amp`` as the run uses it: ``auto`` becomes bf16 on native-bf16 devices, else off."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "off"
+
+
 def autocast(device: torch.device, amp: str) -> Any:
     """The autocast context for ``engine.amp`` (off: a no-op)."""
     if amp == "off":
@@ -57,6 +73,7 @@ class Runtime:
     scaler: torch.amp.GradScaler = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.amp = resolve_amp(self.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     @property

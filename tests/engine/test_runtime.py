@@ -1,0 +1,54 @@
+"""engine.runtime: what ``engine.amp: auto`` picks on each kind of device, and YAML's bare off."""
+
+import pytest
+import torch
+
+from normkd.config import load_recipe
+from normkd.engine.runtime import Runtime, native_bf16, resolve_amp
+from support import DEMO
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, picked",
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "off")],
+)
+def test_auto_is_bf16_exactly_on_cpus_that_run_it_natively(monkeypatch, avx512_bf16, amx, picked):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    rt = Runtime(CPU, amp="auto")
+    assert rt.amp == picked
+    with rt.autocast():
+        assert torch.is_autocast_enabled("cpu") == (picked == "bf16")
+        if picked == "bf16":
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_auto_on_cuda_asks_for_native_bf16_not_emulation(monkeypatch):
+    asked = []
+    native = {"on": True}
+
+    def supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return not including_emulation and native["on"]  # emulation alone never counts
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    for on, picked in ((True, "bf16"), (False, "off")):
+        native["on"] = on
+        assert resolve_amp("auto", torch.device("cuda")) == picked
+    assert asked == [False, False]
+
+
+def test_explicit_settings_pass_through_and_other_devices_stay_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    for amp in ("off", "bf16", "fp16"):
+        assert resolve_amp(amp, CPU) == amp
+    assert not native_bf16(torch.device("mps"))
+    assert resolve_amp("auto", torch.device("mps")) == "off"
+
+
+def test_a_bare_off_in_yaml_or_set_means_off(tmp_path):
+    recipe = load_recipe(DEMO / "kd.yaml", ["engine.amp=off"])  # YAML reads off as False
+    assert recipe.engine.amp == "off"
+    assert load_recipe(DEMO / "kd.yaml", ["engine.amp=auto"]).engine.amp == "auto"
