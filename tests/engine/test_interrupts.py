@@ -45,9 +45,21 @@ def _cmd(out: Path, *extra: str) -> list[str]:
     ]
 
 
+def _default_sigint() -> None:
+    """A shell's background job (``pytest &``) starts with SIGINT ignored, and Python then keeps
+    it ignored, as a background job should; the run under test must hear Ctrl-C as a terminal's
+    foreground job does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        _cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent
+        _cmd(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=out.parent,
+        preexec_fn=_default_sigint,
     )
 
 
