@@ -116,6 +116,7 @@ def write_index(
 # Reports in the same folder that other commands write (longer runs than make bench).
 OTHER_REPORTS = {
     "cifar100": "`normkd reproduce cifar100 ... --scale short --report ...`: real CIFAR-100 table",
+    "cifar100_mixed": "`normkd reproduce cifar100 resnet20__vit_mini_p4 ...`: CNN -> ViT, real data",
     "soak": "`python tools/soak.py`: signals at random points of runs, racing writers",
     "mutants": "`make mutants`: named semantic mutants against the test suite",
 }
