@@ -368,3 +368,46 @@ def test_vit_teacher_into_cnn_student_through_the_api(tmp_path):
         p.numel() for p in student.parameters()
     )
     assert all(row["norm"] > 0 for row in res.history)
+
+
+def test_vit_teacher_into_cnn_student_through_the_cli(tmp_path):
+    """The demo's NORM+KD recipe with a zoo ViT teacher (a checkpoint the test writes: its 4x4
+    token grid meets resnet8's 2x2 map by 2x2 pooling) into resnet8, one epoch through the CLI."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    teacher = create_model("vit_nano_p2", num_classes=10)
+    weights = tmp_path / "vit_teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(weights))
+    args = ["data.n_train=200", "engine.device=cpu", "optim.epochs=1", "student.model=resnet8"]
+    args += ["teacher.model=vit_nano_p2", f"teacher.weights={weights}"]
+    argv = ["distill", str(DEMO / "norm_kd.yaml"), "--out-dir", str(tmp_path), "--quiet"]
+    assert main([*argv, *sets(*args)]) == 0
+    run = tmp_path / "demo_norm_kd"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["merge_max_logit_diff"] < 1e-4 and summary["ft_form"] == "map"
+    first = (run / "metrics.csv").read_text().splitlines()
+    row = dict(zip(first[0].split(","), first[1].split(",")))
+    assert float(row["norm"]) > 0 and float(row["kd"]) > 0
+    plain = create_model("resnet8", num_classes=10)
+    state = load_file(str(run / "model.safetensors"))
+    assert state.keys() == plain.state_dict().keys()  # resnet8 as it is, FT merged away
+    plain.load_state_dict(state)
+
+
+def test_cnn_teacher_into_vit_student_through_the_api(tmp_path):
+    """resnet8 teacher into the zoo's digits ViT through ``normkd.distill``: NORM+KD for two
+    epochs, merged exactly into a plain vit_nano_p2."""
+    train, val = _digits()
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", num_classes=10)
+    student = create_model("vit_nano_p2", num_classes=10)
+    res = normkd.distill(
+        teacher, student, DataLoader(train, 32, shuffle=True), DataLoader(val, 100),
+        method="norm+kd", epochs=2, n=2, check_teacher=False, out_dir=tmp_path, device="cpu",
+        quiet=True,
+    )  # fmt: skip
+    assert res.merge_max_logit_diff is not None and res.merge_max_logit_diff < 1e-4
+    assert type(res.student) is type(student)
+    assert res.student.state_dict().keys() == student.state_dict().keys()
+    assert all(row["norm"] > 0 and row["kd"] > 0 for row in res.history)
