@@ -20,8 +20,31 @@ def _conv_params(model: nn.Module) -> int:
 
 
 def test_all_registered() -> None:
-    """Every ImageNet builder is reachable through the registry."""
+    """Every ImageNet builder is reachable through the registry, and the names the registry
+    lists without importing the module are exactly the ones the module registers."""
+    import normkd.models.imagenet  # noqa: F401  (runs its @register_model decorators)
+    from normkd.models.registry import _REGISTRY, LAZY_ZOO
+
     assert set(NAMES) <= set(list_models())
+    registered = {n for n, fn in _REGISTRY.items() if fn.__module__ == "normkd.models.imagenet"}
+    assert registered == set(LAZY_ZOO["normkd.models.imagenet"]) == set(NAMES)
+
+
+def test_a_cifar_or_digits_model_does_not_import_torchvision() -> None:
+    """torchvision (and the torch._dynamo it imports) costs every `normkd` process seconds; only
+    the ImageNet zoo, torchvision:/timm: models and image folders need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from normkd.models import create_model, list_models; "
+        "create_model('resnet8'); create_model('vit_nano_p2', num_classes=10); "
+        "assert 'resnet50' in list_models(); import normkd.cli, normkd.engine; "
+        "assert 'torchvision' not in sys.modules, 'torchvision imported'; "
+        "create_model('resnet18'); assert 'torchvision' in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_resnet50_1_4_is_a_sixteenth() -> None:

@@ -10,6 +10,14 @@ from torch import nn
 from normkd.errors import UserError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# Zoo modules imported only when one of their models is asked for: the ImageNet zoo builds on
+# torchvision, whose import (it pulls in torch._dynamo) costs seconds that a CIFAR or digits run,
+# and every `normkd` process for one, should not pay. tests/models check these lists are true.
+LAZY_ZOO: dict[str, tuple[str, ...]] = {
+    "normkd.models.imagenet": (
+        "mobilenet_v1", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet50_1_4",
+    ),
+}  # fmt: skip
 
 
 class UnknownModelError(UserError):
@@ -29,9 +37,9 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def list_models() -> list[str]:
-    """All registered model names, sorted."""
+    """All registered model names, sorted (lazily loaded zoos named, not imported)."""
     _load_zoo()
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY).union(*LAZY_ZOO.values()))
 
 
 def create_model(
@@ -50,7 +58,7 @@ def create_model(
         model = ext.create_torchvision(name[len(ext.TV_PREFIX) :], num_classes, **kwargs)
     elif name == ext.EXTERNAL:
         raise UnknownModelError(ext.EXTERNAL_HELP)
-    elif name not in _REGISTRY:
+    elif name not in _REGISTRY and not _load_lazy(name):
         raise UnknownModelError(unknown_model_message(name))
     else:
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
@@ -63,13 +71,23 @@ def create_model(
 
 def unknown_model_message(name: str) -> str:
     """The error for a name that is neither in the zoo nor ``timm:...``: lists what is valid."""
-    _load_zoo()
     return (
-        f"unknown model {name!r}; valid names: {', '.join(sorted(_REGISTRY))}, or "
+        f"unknown model {name!r}; valid names: {', '.join(list_models())}, or "
         "torchvision:<any torchvision classifier>, or timm:<any timm model> (with normkd[timm])"
     )
 
 
 def _load_zoo() -> None:
     # Importing the zoo modules runs their @register_model decorators.
-    from normkd.models import cifar, imagenet, tiny, vit  # noqa: F401
+    from normkd.models import cifar, tiny, vit  # noqa: F401
+
+
+def _load_lazy(name: str) -> bool:
+    """Import the lazily loaded zoo module that provides ``name``; whether it registered it."""
+    for module, names in LAZY_ZOO.items():
+        if name in names:
+            import importlib
+
+            importlib.import_module(module)
+            return name in _REGISTRY
+    return False
