@@ -19,8 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/normkd demo
 
+# One pytest-xdist worker per core (tests/conftest.py gives each one thread); work stealing keeps
+# both busy to the end. A plain `pytest` runs serially.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples tools

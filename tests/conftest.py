@@ -1,5 +1,6 @@
 """Shared test settings: small thread count and deterministic seeds for the 2-core CI machine."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,13 @@ import torch
 
 from support import DEMO, FAST, sets, write_image_folder
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the 2-core machine: one thread each, and so every
+# process a test starts (OMP_NUM_THREADS is inherited); a plain `pytest` run keeps both cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)

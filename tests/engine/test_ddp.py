@@ -135,46 +135,39 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_two_processes_equal_one(tmp_path, teacher):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, teacher) -> Path:
+    """Run directory of a 2-process NORM+KD run of KILL_EPOCHS epochs, never stopped: the 1-vs-2
+    process comparison and the killed run's reference both read it."""
+    out = tmp_path_factory.mktemp("two")
+    proc = _launch(2, out, teacher, epochs=KILL_EPOCHS)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text
+    # Only one run directory was written by the two ranks.
+    assert [p.name for p in out.iterdir()] == ["demo_norm_kd"]
+    return out / "demo_norm_kd"
+
+
+def test_two_processes_equal_one(tmp_path, teacher, two_process_run):
     one = tmp_path / "one"
-    assert (
-        main(
-            [
-                "distill",
-                str(DEMO / "norm_kd.yaml"),
-                "--out-dir",
-                str(one),
-                "--quiet",
-                *_student_sets(teacher),
-            ]
-        )
-        == 0
-    )
-    proc = _launch(2, tmp_path / "two", teacher)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    argv = ["distill", str(DEMO / "norm_kd.yaml"), "--out-dir", str(one), "--quiet"]
+    assert main([*argv, *_student_sets(teacher, KILL_EPOCHS)]) == 0
     a = load_checkpoint(one / "demo_norm_kd" / "last.pt")["distiller"]
-    b = load_checkpoint(tmp_path / "two" / "demo_norm_kd" / "last.pt")["distiller"]
+    b = load_checkpoint(two_process_run / "last.pt")["distiller"]
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    print(f"max |weight diff| 1 vs 2 processes after 3 epochs: {worst:.2e}")
+    print(f"max |weight diff| 1 vs 2 processes after {KILL_EPOCHS} epochs: {worst:.2e}")
     assert worst <= 1e-5
-    ra, rb = _rows(one / "demo_norm_kd"), _rows(tmp_path / "two" / "demo_norm_kd")
-    assert len(ra) == len(rb) == 3  # one line per epoch, written once
+    ra, rb = _rows(one / "demo_norm_kd"), _rows(two_process_run)
+    assert len(ra) == len(rb) == KILL_EPOCHS  # one line per epoch, written once
     for x, y in zip(ra, rb):
         for col in ("ce", "kd", "norm", "loss", "val_top1"):
             assert float(x[col]) == pytest.approx(float(y[col]), rel=1e-5, abs=1e-6), col
-    # Only one run directory was written by the two ranks.
-    assert [p.name for p in (tmp_path / "two").iterdir()] == ["demo_norm_kd"]
 
 
-def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, teacher):
+def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, teacher, two_process_run):
     """kill -9 of the whole torchrun job (launcher and both workers) after epoch 1; --resume must
     end where a run that was never stopped ends. The kill must land before the run finished, or
     nothing was resumed."""
-    full = _launch(2, tmp_path / "full", teacher, epochs=KILL_EPOCHS)
-    out, _ = full.communicate(timeout=300)
-    assert full.returncode == 0, out
-
     run = tmp_path / "cut" / "demo_norm_kd"
     proc = _launch(2, tmp_path / "cut", teacher, epochs=KILL_EPOCHS)
     deadline = time.time() + 240
@@ -197,7 +190,7 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, teacher):
     resumed = _launch(2, tmp_path / "cut", teacher, "--resume", epochs=KILL_EPOCHS)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
-    a = load_checkpoint(tmp_path / "full" / "demo_norm_kd" / "last.pt")["distiller"]
+    a = load_checkpoint(two_process_run / "last.pt")["distiller"]
     b = load_checkpoint(run / "last.pt")["distiller"]
     for k in a:
         assert torch.equal(a[k], b[k]), (k, done)
