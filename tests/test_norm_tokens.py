@@ -347,23 +347,29 @@ def _digits(n_train: int = 200) -> tuple[TensorDataset, TensorDataset]:
     )
 
 
+def _api_norm_kd(teacher: nn.Module, student: nn.Module, out_dir) -> normkd.Result:
+    """NORM+KD for two epochs on digits through ``normkd.distill``, merged exactly."""
+    train, val = _digits()
+    res = normkd.distill(
+        teacher, student, DataLoader(train, 32, shuffle=True), DataLoader(val, 100),
+        method="norm+kd", epochs=2, n=2, check_teacher=False, out_dir=out_dir, device="cpu",
+        quiet=True,
+    )  # fmt: skip
+    assert res.merge_max_logit_diff is not None and res.merge_max_logit_diff < 1e-4
+    assert type(res.student) is type(student)
+    return res
+
+
 def test_vit_teacher_into_cnn_student_through_the_api(tmp_path):
     """A timm ViT teacher (its patch tokens become the matched 4x4 map; the class token is left
     out) into a resnet8 student on digits: NORM+KD for two epochs, merged exactly."""
-    train, val = _digits()
     teacher = timm.create_model(
         "vit_tiny_patch16_224", num_classes=10, img_size=8, patch_size=2, embed_dim=64, depth=2,
         num_heads=2,
     )  # fmt: skip
     student = create_model("resnet8", num_classes=10)
-    res = normkd.distill(
-        teacher, student, DataLoader(train, 32, shuffle=True), DataLoader(val, 100),
-        method="norm+kd", epochs=2, n=2, check_teacher=False, out_dir=tmp_path, device="cpu",
-        quiet=True,
-    )  # fmt: skip
+    res = _api_norm_kd(teacher, student, tmp_path)
     assert get_taps(teacher).layout == "tokens" and get_taps(teacher).prefix_tokens == 1
-    assert res.merge_max_logit_diff is not None and res.merge_max_logit_diff < 1e-4
-    assert type(res.student) is type(student)
     assert sum(p.numel() for p in res.student.parameters()) == sum(
         p.numel() for p in student.parameters()
     )
@@ -398,16 +404,9 @@ def test_vit_teacher_into_cnn_student_through_the_cli(tmp_path):
 def test_cnn_teacher_into_vit_student_through_the_api(tmp_path):
     """resnet8 teacher into the zoo's digits ViT through ``normkd.distill``: NORM+KD for two
     epochs, merged exactly into a plain vit_nano_p2."""
-    train, val = _digits()
     torch.manual_seed(0)
     teacher = create_model("resnet8", num_classes=10)
     student = create_model("vit_nano_p2", num_classes=10)
-    res = normkd.distill(
-        teacher, student, DataLoader(train, 32, shuffle=True), DataLoader(val, 100),
-        method="norm+kd", epochs=2, n=2, check_teacher=False, out_dir=tmp_path, device="cpu",
-        quiet=True,
-    )  # fmt: skip
-    assert res.merge_max_logit_diff is not None and res.merge_max_logit_diff < 1e-4
-    assert type(res.student) is type(student)
+    res = _api_norm_kd(teacher, student, tmp_path)
     assert res.student.state_dict().keys() == student.state_dict().keys()
     assert all(row["norm"] > 0 and row["kd"] > 0 for row in res.history)
