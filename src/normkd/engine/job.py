@@ -292,7 +292,7 @@ def _with_ft(
     try:
         s_ft = attach_ft(
             student, c_t, norm.n, norm.bn, norm.residual, example, norm.init,
-            form="pooled" if form == "pooled" else "feat",
+            form="pooled" if form == "pooled" else "feat", factored=True,
         )  # fmt: skip
         if inner is not None:
             attach_inner_ft(s_ft, inner.t_channels, example, norm.init)
