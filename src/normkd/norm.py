@@ -111,29 +111,34 @@ def _linear(cin: int, cout: int, bn: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _bn_affine(
+def _bn_scale_shift(
+    bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bn`` normalising with ``mean`` / ``var`` as ``scale * z + shift`` per channel (what
+    both the merge and the factored FT fold into their affine maps)."""
+    weight = bn.weight.to(mean.dtype) if bn.affine else torch.ones_like(mean)
+    bias = bn.bias.to(mean.dtype) if bn.affine else torch.zeros_like(mean)
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - scale * mean
+
+
+def _bn_batch_affine(
     bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bn(z)`` as ``scale * z + shift`` per channel, for a ``z`` of ``count`` values per channel
-    with batch ``mean`` / (biased) ``var``: batch statistics in training (the running ones updated as BatchNorm does), the
-    running ones in eval mode."""
-    use_batch = bn.training or bn.running_mean is None or bn.running_var is None
-    if use_batch and bn.training and bn.track_running_stats and bn.running_mean is not None:
-        assert bn.running_var is not None and bn.num_batches_tracked is not None
+    """:func:`_bn_scale_shift` of ``bn``'s forward on a ``z`` of ``count`` values per channel
+    with batch ``mean`` / (biased) ``var``: in training the batch statistics, the running ones
+    updated as BatchNorm does; in eval mode the running ones."""
+    if not bn.training and bn.running_mean is not None and bn.running_var is not None:
+        return _bn_scale_shift(bn, bn.running_mean.to(mean.dtype), bn.running_var.to(var.dtype))
+    if bn.training and bn.running_mean is not None and bn.running_var is not None:
+        assert bn.num_batches_tracked is not None
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             f = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
             bn.running_mean.mul_(1 - f).add_(mean.detach().to(bn.running_mean.dtype) * f)
             unbiased = var.detach() * (count / (count - 1))
             bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype) * f)
-    if use_batch:
-        m, v = mean, var
-    else:
-        m, v = bn.running_mean.to(mean.dtype), bn.running_var.to(var.dtype)
-    weight = bn.weight.to(mean.dtype) if bn.affine else torch.ones_like(mean)
-    bias = bn.bias.to(mean.dtype) if bn.affine else torch.zeros_like(mean)
-    scale = weight / torch.sqrt(v + bn.eps)
-    return scale, bias - scale * m
+    return _bn_scale_shift(bn, mean, var)
 
 
 class FactoredMap(NamedTuple):
@@ -253,7 +258,7 @@ class FeatureTransform(nn.Module):
             mu = w1 @ mean if conv.bias is None else w1 @ mean + conv.bias.to(dtype)
             scale, shift = None, mu  # Y = scale * (w1 @ centred + mu) + shift = a @ centred + c
             if len(self.expand) > 1:
-                scale, shift = _bn_affine(self.expand[1], mu, var, rows.shape[0])
+                scale, shift = _bn_batch_affine(self.expand[1], mu, var, rows.shape[0])
                 shift = shift + scale * mu
             a = w1 if scale is None else scale[:, None] * w1
             sq = rows.shape[0] * (
@@ -298,11 +303,9 @@ class FeatureTransform(nn.Module):
                 bn: nn.modules.batchnorm._BatchNorm = block[1]
                 if bn.running_var is None or bn.running_mean is None:
                     raise ValueError("cannot merge a BatchNorm without running statistics")
-                scale = bn.weight.detach().double() if bn.affine else torch.ones_like(b)
-                shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(b)
-                s = scale / torch.sqrt(bn.running_var.double() + bn.eps)
+                s, shift = _bn_scale_shift(bn, bn.running_mean.double(), bn.running_var.double())
                 w = s[:, None] * w
-                b = s * (b - bn.running_mean.double()) + shift
+                b = s * b + shift
             return w, b
 
         w1, b1 = affine(self.expand)
@@ -327,9 +330,10 @@ def spatial_ratio(a_hw: Sequence[int], b_hw: Sequence[int]) -> tuple[int, int] |
 
 
 def _match_spatial(
-    student: torch.Tensor, teacher: torch.Tensor, reduce: Literal["max", "avg"]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool the spatially larger map down to the smaller one by an integer ratio."""
+    student: torch.Tensor | FactoredMap, teacher: torch.Tensor, reduce: Literal["max", "avg"]
+) -> tuple[torch.Tensor | FactoredMap, torch.Tensor]:
+    """Pool the spatially larger map down to the smaller one by an integer ratio (a
+    :class:`FactoredMap` only ever with the teacher's the larger)."""
     (hs, ws), (ht, wt) = student.shape[-2:], teacher.shape[-2:]
     if (hs, ws) == (ht, wt):
         return student, teacher
@@ -391,11 +395,8 @@ def norm_loss(
         )
     teacher = teacher_map.detach()
     if isinstance(expanded, FactoredMap):
-        (ht, wt), k = teacher.shape[-2:], spatial_ratio((hs, ws), teacher.shape[-2:])
-        if k is not None and ht >= hs and wt >= ws:  # only the teacher map is pooled
-            if k != (1, 1):
-                teacher = (F.max_pool2d if reduce == "max" else F.avg_pool2d)(teacher, k, k)
-            return _factored_loss(expanded, teacher, n)
+        if teacher.shape[-2] >= hs and teacher.shape[-1] >= ws:  # only the teacher is pooled
+            return _factored_loss(expanded, _match_spatial(expanded, teacher, reduce)[1], n)
         expanded = expanded.materialise()  # a larger student map is pooled: it must exist
     student, teacher = _match_spatial(expanded, teacher, reduce)
     h, w = student.shape[-2:]
