@@ -58,8 +58,8 @@ MUTANTS: list[Mutant] = [
         "distiller-std-student",
         D,
         "logit standardisation skipped for the student",
-        "s_taps.logits = standardize_logits(logits, self.logit_scale)",
-        "s_taps.logits = logits",
+        "s_taps.logits = standardize_logits(s_taps.logits, self.logit_scale)",
+        "s_taps.logits = s_taps.logits",
         T_TERMS,
     ),
     Mutant(
@@ -308,8 +308,8 @@ MUTANTS: list[Mutant] = [
         "loop-sharded-eval-unreduced",
         LP,
         "DDP evaluation reports rank 0's shard only",
-        "rt.amp, rt if sharded else None",
-        "rt.amp, None",
+        "ranks=rt if sharded else None)",
+        "ranks=None)",
         T_DDP,
     ),
     Mutant(

@@ -180,9 +180,10 @@ class EngineCfg(Strict):
     """How the run executes: device, precision, logging, output."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # off: fp32. auto: bf16 autocast where the device runs bf16 natively (CUDA with bf16 support;
+    # auto (default): bf16 autocast where the device runs bf16 natively (CUDA with bf16 support;
     # CPUs with AVX512-BF16 or AMX), fp32 elsewhere (emulated bf16 is ~10x slower on AVX2 CPUs).
-    amp: Literal["auto", "off", "bf16", "fp16"] = "off"
+    # off: fp32, what the authors'-code fidelity recipes (*_authors.yaml) ask for explicitly.
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     compile: bool = False
     seed: int = 0

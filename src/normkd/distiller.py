@@ -21,6 +21,10 @@ def standardize_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return F.layer_norm(logits, logits.shape[-1:], eps=1e-7) * scale
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class Distiller(nn.Module):
     """Holds the student (with FT when NORM is used), the frozen teacher and weighted terms."""
 
@@ -77,9 +81,13 @@ class Distiller(nn.Module):
                 t_taps.logits = self.teacher(x)
         with collect_taps(self._s_plain[0], self.s_spec, self.s_needs) as s_taps:
             logits = self.student(x)
-        s_taps.logits = logits
+        # The terms read logits in at least fp32: a softmax / KL of bf16 logits (CPU autocast
+        # keeps them bf16) loses enough to turn KD's KL negative; (B, classes) is cheap to upcast.
+        s_taps.logits = _at_least_fp32(logits)
+        if t_taps is not None and t_taps.logits is not None:
+            t_taps.logits = _at_least_fp32(t_taps.logits)
         if self.logit_scale is not None:
-            s_taps.logits = standardize_logits(logits, self.logit_scale)
+            s_taps.logits = standardize_logits(s_taps.logits, self.logit_scale)
             if t_taps is not None and t_taps.logits is not None:
                 t_taps.logits = standardize_logits(t_taps.logits, self.logit_scale)
         expanded = self.student.expanded if isinstance(self.student, FTStudent) else None

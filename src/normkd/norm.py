@@ -400,9 +400,11 @@ def norm_loss(
         expanded = expanded.materialise()  # a larger student map is pooled: it must exist
     student, teacher = _match_spatial(expanded, teacher, reduce)
     h, w = student.shape[-2:]
-    # Broadcast the teacher over the N segments without materialising a tiled copy or a diff.
-    segments = student.reshape(b, n, ct, h, w)
-    return F.mse_loss(segments, teacher.to(student.dtype).unsqueeze(1).expand_as(segments)) * n
+    # Broadcast the teacher over the N segments without materialising a tiled copy or a diff;
+    # in at least fp32 (a bf16 mean of squares over N*C_t*H*W values loses digits).
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    segments = student.reshape(b, n, ct, h, w).to(dtype)
+    return F.mse_loss(segments, teacher.to(dtype).unsqueeze(1).expand_as(segments)) * n
 
 
 def _factored_loss(f: FactoredMap, teacher: torch.Tensor, n: int) -> torch.Tensor:

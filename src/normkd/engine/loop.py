@@ -128,7 +128,9 @@ def fit(
         if done % recipe.engine.eval_every == 0 or done == last:
             if recal:
                 _recalibrate(job, epoch)
-            test = evaluate(job.student, job.data.test, rt.device, rt.amp, rt if sharded else None)
+            # fp32 whatever engine.amp says: the top-1 reported is the model's as deployed, and
+            # the merged student's (scored in fp32 at the end) is then exactly the FT student's.
+            test = evaluate(job.student, job.data.test, rt.device, ranks=rt if sharded else None)
             _check_chance(job, done, test["top1"], stats["train_top1"])
         improved = test["top1"] > best.top1
         if improved:
