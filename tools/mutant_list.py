@@ -308,8 +308,8 @@ MUTANTS: list[Mutant] = [
         "loop-sharded-eval-unreduced",
         LP,
         "DDP evaluation reports rank 0's shard only",
-        "ranks=rt if sharded else None)",
-        "ranks=None)",
+        "rt.device, ranks=rt if sharded else None",
+        "rt.device, ranks=None",
         T_DDP,
     ),
     Mutant(

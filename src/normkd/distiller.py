@@ -7,12 +7,15 @@ kept out of ``parameters()``/``state_dict()`` so optimisers, DDP and checkpoints
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from normkd.losses.base import LossTerm, StepState
-from normkd.models.taps import TapSpec, collect_taps, get_taps
+from normkd.models.taps import TapHooks, Taps, TapSpec, collect_taps, get_taps
 from normkd.norm import FTStudent
 
 
@@ -51,6 +54,7 @@ class Distiller(nn.Module):
         if self.t_needs and teacher is None:
             raise ValueError(f"loss terms {sorted(terms)} need a teacher")
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or saved
+        self._kept: dict[str, TapHooks] | None = None  # see hooks_kept
         self.t_spec: TapSpec | None = None
         if teacher is not None:
             teacher.eval()
@@ -70,16 +74,45 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    @contextlib.contextmanager
+    def hooks_kept(self) -> Iterator[None]:
+        """Keep the tap hooks (and FT's) registered for the block, so no forward inside it
+        registers any: what lets ``torch.compile`` trace a whole step as one graph. The trainer
+        holds them over its epochs; outside the block each forward registers its own."""
+        if self._kept is not None:
+            yield
+            return
+        kept = {"student": TapHooks(self._s_plain[0], self.s_spec, self.s_needs)}
+        if self.teacher is not None and self.t_needs:
+            assert self.t_spec is not None
+            kept["teacher"] = TapHooks(self.teacher, self.t_spec, self.t_needs)
+        ft = self.student.hooks_kept() if isinstance(self.student, FTStudent) else None
+        self._kept = kept
+        try:
+            with ft if ft is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._kept = None
+            for hooks in kept.values():
+                hooks.remove()
+
+    def _taps(self, role: str) -> contextlib.AbstractContextManager[Taps]:
+        if self._kept is not None:
+            return self._kept[role].collect()
+        if role == "teacher":
+            assert self.teacher is not None and self.t_spec is not None
+            return collect_taps(self.teacher, self.t_spec, self.t_needs)
+        return collect_taps(self._s_plain[0], self.s_spec, self.s_needs)
+
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One step's student logits and ``{term: weight * w(epoch) * value}``."""
         t_taps = None
         if self.teacher is not None and self.t_needs:
-            assert self.t_spec is not None
-            with torch.no_grad(), collect_taps(self.teacher, self.t_spec, self.t_needs) as t_taps:
+            with torch.no_grad(), self._taps("teacher") as t_taps:
                 t_taps.logits = self.teacher(x)
-        with collect_taps(self._s_plain[0], self.s_spec, self.s_needs) as s_taps:
+        with self._taps("student") as s_taps:
             logits = self.student(x)
         # The terms read logits in at least fp32: a softmax / KL of bf16 logits (CPU autocast
         # keeps them bf16) loses enough to turn KD's KL negative; (B, classes) is cheap to upcast.

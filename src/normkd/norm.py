@@ -40,8 +40,9 @@ away exactly: the deployed student keeps it (:class:`InnerFT`, rebuilt by
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -529,7 +530,8 @@ class FTStudent(nn.Module):
         self.ft = ft
         self.spec = spec
         self.expanded: torch.Tensor | ExpandedMaps | PooledExpanded | None = None
-        self._sink: list[torch.Tensor] = []
+        self._sink: list[torch.Tensor] | None = None  # FT runs in the hooks only while a list
+        self._kept: list[torch.utils.hooks.RemovableHandle] | None = None  # see hooks_kept
 
     @property
     def form(self) -> Form:
@@ -548,6 +550,8 @@ class FTStudent(nn.Module):
                 f"tap {self.spec.feat!r} returned {type(out).__name__}, not a tensor; "
                 "point the tap spec at a module that returns the last conv map"
             )
+        if self._sink is None:  # a plain forward of the student while the hooks are kept
+            return out
         contracted, expanded = self.ft(out)
         self._sink.append(
             expanded if isinstance(expanded, FactoredMap) else as_map(expanded, self.spec)
@@ -555,6 +559,8 @@ class FTStudent(nn.Module):
         return contracted
 
     def _insert_pooled(self, _mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:
+        if self._sink is None:
+            return args
         contracted, expanded = self.ft(args[0])
         self._sink.append(expanded)
         return (contracted, *args[1:])
@@ -567,13 +573,28 @@ class FTStudent(nn.Module):
             for name in (self.spec.classifier, *self.spec.heads)
         ]
 
+    @contextlib.contextmanager
+    def hooks_kept(self) -> Iterator[None]:
+        """Keep FT's hooks on the student for the block (``Distiller.hooks_kept``): forwards of
+        this wrapper inside it register none; the plain student's own forwards pass FT by."""
+        if self._kept is not None:
+            yield
+            return
+        self._kept = self._hooks()
+        try:
+            yield
+        finally:
+            for handle in self._kept:
+                handle.remove()
+            self._kept = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inner = self.inner
         sink: list[torch.Tensor] = []
         if inner is not None:
             inner.sink = sink
-        self._sink = []
-        handles = self._hooks()
+        self._sink = mine = []
+        handles = self._hooks() if self._kept is None else []
         try:
             logits = self.student(x)
         finally:
@@ -581,9 +602,9 @@ class FTStudent(nn.Module):
                 handle.remove()
             if inner is not None:
                 inner.sink = None
+            self._sink = None
         # pooled: the class head's call, the first (DeiT's distillation head reads its own token).
-        got = self._sink[0 if self.form == "pooled" else -1] if self._sink else None
-        self._sink = []
+        got = mine[0 if self.form == "pooled" else -1] if mine else None
         self.expanded = PooledExpanded(got) if self.form == "pooled" and got is not None else got
         if sink:
             assert self.expanded is not None

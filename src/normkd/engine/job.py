@@ -72,7 +72,7 @@ def assemble(
             recipe.engine.seed,
             runtime.rank,
             runtime.world_size,
-            recipe.engine.channels_last,
+            bool(runtime.channels_last),  # as resolved (auto: on under bf16 / fp16)
         )
         data = build_data(recipe.data, place, dry_run=dry_run)
     if teacher is None and recipe.teacher is not None:

@@ -122,30 +122,35 @@ def fit(
     history = run.history
     test = {"top1": 0.0, "top5": 0.0, "loss": float("nan")}
     recal = _recalibration(job)
-    for epoch in range(start, last):
-        stats = train_epoch(job, epoch)
-        done = epoch + 1  # epochs as a user counts them (metrics.csv, summary.json, lines)
-        if done % recipe.engine.eval_every == 0 or done == last:
-            if recal:
-                _recalibrate(job, epoch)
-            # fp32 whatever engine.amp says: the top-1 reported is the model's as deployed, and
-            # the merged student's (scored in fp32 at the end) is then exactly the FT student's.
-            test = evaluate(job.student, job.data.test, rt.device, ranks=rt if sharded else None)
-            _check_chance(job, done, test["top1"], stats["train_top1"])
-        improved = test["top1"] > best.top1
-        if improved:
-            best = Best(test["top1"], done)
-        row = {"epoch": done, **stats} | {f"val_{k}": v for k, v in test.items()}
-        row["best_top1"] = best.top1
-        history.append(row)
-        run.save_epoch(row, stats, test, _state(job, epoch, best), improved)
-        if not (recipe.engine.quiet or not rt.is_main):
-            logger.info(
-                f"[{recipe.name}] epoch {done}/{recipe.optim.epochs} "
-                f"loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
-                f"val {test['top1']:.2f}% (best {best.top1:.2f}%) "
-                f"{stats['images_per_s']:.0f} img/s"
-            )
+    # The tap and FT hooks stay registered over the epochs (a compiled step traces them whole);
+    # the merged, deployed copy is made after they are gone.
+    with job.distiller.hooks_kept():
+        for epoch in range(start, last):
+            stats = train_epoch(job, epoch)
+            done = epoch + 1  # epochs as a user counts them (metrics.csv, summary.json, lines)
+            if done % recipe.engine.eval_every == 0 or done == last:
+                if recal:
+                    _recalibrate(job, epoch)
+                # fp32 whatever engine.amp says: the top-1 reported is the model's as deployed, and
+                # the merged student's (scored in fp32 at the end) is then exactly the FT student's.
+                test = evaluate(
+                    job.student, job.data.test, rt.device, ranks=rt if sharded else None
+                )
+                _check_chance(job, done, test["top1"], stats["train_top1"])
+            improved = test["top1"] > best.top1
+            if improved:
+                best = Best(test["top1"], done)
+            row = {"epoch": done, **stats} | {f"val_{k}": v for k, v in test.items()}
+            row["best_top1"] = best.top1
+            history.append(row)
+            run.save_epoch(row, stats, test, _state(job, epoch, best), improved)
+            if not (recipe.engine.quiet or not rt.is_main):
+                logger.info(
+                    f"[{recipe.name}] epoch {done}/{recipe.optim.epochs} "
+                    f"loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
+                    f"val {test['top1']:.2f}% (best {best.top1:.2f}%) "
+                    f"{stats['images_per_s']:.0f} img/s"
+                )
     final = history[-1] if history else {}
     result = RunResult(
         str(run.path), last, float(best.top1), best.epoch,

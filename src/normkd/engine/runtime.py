@@ -51,6 +51,13 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "off"
 
 
+def resolve_channels_last(channels_last: bool | str, amp: str) -> bool:
+    """``engine.channels_last`` as the run uses it: ``auto`` is on exactly under bf16 / fp16."""
+    if channels_last == "auto":
+        return amp in ("bf16", "fp16")
+    return bool(channels_last)
+
+
 def autocast(device: torch.device, amp: str) -> Any:
     """The autocast context for ``engine.amp`` (off: a no-op)."""
     if amp == "off":
@@ -65,7 +72,7 @@ class Runtime:
 
     device: torch.device
     amp: str = "off"
-    channels_last: bool = False
+    channels_last: bool | str = False
     compile: bool = False
     sync_bn: bool = False
     rank: int = 0
@@ -74,6 +81,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.amp = resolve_amp(self.amp, self.device)
+        self.channels_last = resolve_channels_last(self.channels_last, self.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
     @property

@@ -488,31 +488,73 @@ class TapShapes:
         )
 
 
+class TapHooks:
+    """Forward hooks on one model's tap modules that record only inside :meth:`collect`.
+
+    Kept registered for a whole run (``Distiller.hooks_kept``), they let ``torch.compile``
+    trace a step end to end: registering a hook inside traced code breaks its graph.
+    :func:`collect_taps` registers them for one block. ``feat`` and ``stages`` come as
+    ``(B, C, H, W)`` maps in every layout (:func:`as_map`).
+    """
+
+    def __init__(self, model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> None:
+        self.spec, self.needs = spec, needs
+        self._taps: Taps | None = None  # recording while not None
+        self._maps: dict[str, torch.Tensor] = {}
+        names = ([spec.feat] if "feat" in needs else []) + (
+            list(spec.stages) if "stages" in needs else []
+        )
+        self._handles = [
+            get_module(model, n).register_forward_hook(self._recorder(n))
+            for n in dict.fromkeys(names)
+        ]
+        if "pooled" in needs:
+
+            def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                if self._taps is not None:
+                    self._taps.pooled = args[0]
+
+            classifier = get_module(model, spec.classifier)
+            self._handles.append(classifier.register_forward_pre_hook(grab))
+
+    def _recorder(self, name: str):
+        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
+            if self._taps is not None:
+                self._maps[name] = out
+
+        return hook
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[Taps]:
+        """Forwards of the model inside the block fill the yielded taps (the last call wins)."""
+        taps = self._taps = Taps()
+        self._maps = {}
+        try:
+            yield taps
+            spec, maps = self.spec, self._maps
+            feat = maps.get(spec.feat) if "feat" in self.needs else None
+            taps.feat = None if feat is None else as_map(feat, spec)
+            taps.stages = (
+                [as_map(maps[s], spec) for s in spec.stages] if "stages" in self.needs else []
+            )
+        finally:
+            self._taps, self._maps = None, {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 @contextlib.contextmanager
 def collect_taps(model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> Iterator[Taps]:
-    """Hook ``model`` (the plain network) so forwards in the block fill the ``needs`` taps.
-
-    ``feat`` and ``stages`` come as ``(B, C, H, W)`` maps in every layout (:func:`as_map`)."""
-    taps = Taps()
-    names = ([spec.feat] if "feat" in needs else []) + (
-        list(spec.stages) if "stages" in needs else []
-    )
-    handle = None
-    if "pooled" in needs:
-
-        def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            taps.pooled = args[0]
-
-        handle = get_module(model, spec.classifier).register_forward_pre_hook(grab)
+    """Hook ``model`` (the plain network) so forwards in the block fill the ``needs`` taps."""
+    hooks = TapHooks(model, spec, needs)
     try:
-        with capture(model, names) as maps:
+        with hooks.collect() as taps:
             yield taps
-            feat = maps.get(spec.feat) if "feat" in needs else None
-            taps.feat = None if feat is None else as_map(feat, spec)
-            taps.stages = [as_map(maps[s], spec) for s in spec.stages] if "stages" in needs else []
     finally:
-        if handle is not None:
-            handle.remove()
+        hooks.remove()
 
 
 @contextlib.contextmanager
