@@ -77,10 +77,15 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
         "bf16",
         "torchdistill + Accelerate(mixed_precision=bf16): its own AMP route",
     ),
+    "normkd_default": (
+        "normkd",
+        "default",
+        "normkd train_step + device-resident loader at its defaults (amp auto, channels_last auto)",
+    ),
     "normkd_fp32": (
         "normkd",
         "fp32",
-        "normkd train_step + device-resident loader (recipe default: amp off)",
+        "normkd train_step + device-resident loader, amp off",
     ),
     "normkd_bf16": ("normkd", "bf16", "normkd train_step + device-resident loader, amp bf16"),
     "classic_fp32": ("classic", "fp32", "classic: PIL transforms in DataLoader workers + eager KD"),
@@ -209,7 +214,7 @@ def kd_recipe(setup: Setup, device: torch.device, amp: str) -> Any:
             f"data.root={setup.root}",
             f"data.batch_size={setup.batch}",
             f"engine.device={device}",
-            *([f"engine.amp={amp}"] if amp != "off" else []),  # YAML reads a bare off as False
+            f"engine.amp={amp}",  # auto: the recipe's default
         ],
     )
 
@@ -478,7 +483,8 @@ def build_runners(
         )
         for key in ("normkd_bf16", "ceiling_bf16", "td_bf16", "td_bf16_accelerate"):
             missing[key] = why
-    jobs = {amp: normkd_job(setup, device, amp) for amp in amps}
+    jobs = {amp: normkd_job(setup, device, amp) for amp in ["auto", *amps]}
+    fns["normkd_default"] = normkd_runner(jobs["auto"], steps)
     fns["normkd_fp32"] = normkd_runner(jobs["off"], steps)
     fns["classic_fp32"] = classic_runner(setup, device, workers, steps)
     fns["ceiling_fp32"] = ceiling_runner(jobs["off"], steps)
@@ -558,8 +564,8 @@ def summary_rows(
     """The issue's targets, then the figures that explain them."""
     rows = [
         (
-            "normkd / torchdistill, each tool's defaults (both fp32)",
-            "normkd_fp32",
+            "normkd / torchdistill, each tool's defaults (normkd: amp auto; torchdistill: fp32)",
+            "normkd_default",
             ["td_fp32"],
             1.5,
         ),
@@ -579,6 +585,7 @@ def summary_rows(
         ("normkd / classic loop, fp32", "normkd_fp32", ["classic_fp32"], None),
         ("normkd / ceiling, fp32", "normkd_fp32", ["ceiling_fp32"], None),
         ("normkd / ceiling, bf16", "normkd_bf16", ["ceiling_bf16"], None),
+        ("normkd defaults / normkd fp32", "normkd_default", ["normkd_fp32"], None),
     ]
     return [ratio_row(label, n, d, t, rates, missing, peer) for label, n, d, t in rows]
 
@@ -654,8 +661,8 @@ def report(
             f"loop read the images through a torchvision CIFAR-style Dataset in {args.workers} "
             "DataLoader workers (RandomCrop 32 pad 4, RandomHorizontalFlip, ToTensor, Normalize); "
             "normkd crops and flips on the device (`DeviceLoader` + `Augment`). Each tool runs at "
-            "its defaults (normkd's recipes: `engine.amp: off`; torchdistill: fp32), then at equal "
-            "precision. torchdistill has no autocast option of its own: its only mixed-precision "
+            f"its defaults (normkd: `engine.amp: auto`, which here is {_auto(args)}; torchdistill: "
+            "fp32), then at equal precision. torchdistill has no autocast option of its own: its only mixed-precision "
             "route is a Hugging Face `Accelerator` passed to the box; the `td_bf16` row wraps its "
             "`forward_process` in `torch.autocast` (backward outside, as normkd's step does). "
             f"Throughput is images / wall time of a block of {steps} steps, median over "
@@ -678,6 +685,15 @@ def report(
             env,
         ]
     )
+
+
+def _auto(args: argparse.Namespace) -> str:
+    """What ``engine.amp: auto`` and ``channels_last: auto`` resolve to on this device."""
+    from normkd.engine.runtime import resolve_amp, resolve_channels_last
+
+    amp = resolve_amp("auto", resolve_device(args.device))
+    cl = resolve_channels_last("auto", amp)
+    return f"{'fp32' if amp == 'off' else amp}{' + channels_last' if cl else ''}"
 
 
 def plot(rates: dict[str, list[float]], out: Path, env: str, setup: Setup) -> None:
