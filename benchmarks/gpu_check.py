@@ -110,7 +110,7 @@ def distill_recipe(work: Path, teacher: Path, name: str, device: str, **engine: 
         f"engine.run_name={name}",
         "engine.quiet=true",
     ]
-    sets += [f"engine.{k}={v}" for k, v in engine.items() if v not in ("off", False)]
+    sets += [f"engine.{k}={v}" for k, v in engine.items()]  # off / False too: defaults are auto
     return load_recipe(DEMO / "norm_kd.yaml", sets)
 
 
@@ -300,9 +300,15 @@ def plan(args: argparse.Namespace, work: Path, teacher: Callable[[], Path]) -> d
     """Each check by name: a function returning its detail line (raises when it fails)."""
     dev = args.device
     return {
-        "fp32": lambda: check_distill(work, teacher(), "amp_off", dev),
-        "bf16": lambda: check_distill(work, teacher(), "amp_bf16", dev, amp="bf16"),
-        "fp16": lambda: check_distill(work, teacher(), "amp_fp16", dev, amp="fp16"),
+        "fp32": lambda: check_distill(
+            work, teacher(), "amp_off", dev, amp="off", channels_last=False
+        ),
+        "bf16": lambda: check_distill(
+            work, teacher(), "amp_bf16", dev, amp="bf16", channels_last=False
+        ),
+        "fp16": lambda: check_distill(
+            work, teacher(), "amp_fp16", dev, amp="fp16", channels_last=False
+        ),
         "channels_last": lambda: check_distill(
             work, teacher(), "channels_last", dev, amp="bf16", channels_last=True
         ),

@@ -42,6 +42,10 @@ HEADERS = {
         "| variant | tool | precision | images/s (median) | spread | ms per batch |",
         "| figure | measured | target | verdict |",
     ],
+    "precision": [
+        "| method | off (fp32) top-1 % | auto top-1 % | auto - off, paired |",
+        "| target | measured | verdict |",
+    ],
 }
 
 
@@ -116,7 +120,10 @@ FIGURE_CHECKS = {"deploy": _check_deploy_merges, "peer": _check_peer}
 
 # The accuracy smoke run trains the methods its targets compare (the sweep is the same code for
 # every method; the full list is the benchmark's, not the smoke run's).
-QUICK_ARGS = {"bench_accuracy.py": ["--methods", "vanilla", "kd", "norm_kd"]}
+QUICK_ARGS = {
+    "bench_accuracy.py": ["--methods", "vanilla", "kd", "norm_kd"],
+    "bench_precision.py": ["--methods", "norm_kd"],
+}
 
 
 def _quick(script: str, out: Path) -> subprocess.CompletedProcess[str]:
