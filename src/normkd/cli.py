@@ -239,6 +239,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         teacher_weights=args.teacher_weights,
         extra=args.overrides,
         report=args.report,
+        records=args.records,
     )
     return 0
 
@@ -285,6 +286,12 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--teacher-weights", type=Path, help="a trained teacher (skips training it)")
     rep.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"), help="run folders")
     rep.add_argument("--report", type=Path, help="also write the table (and PNG) here")
+    rep.add_argument(
+        "--records",
+        type=Path,
+        help="a folder of run records (committable): each finished run is recorded there, the "
+        "teacher kept beside them, recorded runs are skipped and the table is built from them",
+    )
     rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rep.set_defaults(func=_cmd_reproduce)
 

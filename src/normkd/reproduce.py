@@ -9,6 +9,10 @@ Scales: ``paper`` runs the recipes as they are (240 epochs: a GPU job); ``short`
 recipes on a shorter schedule (milestones, warm-ups and DKD's ramp scaled with it, the NORM ramp
 stretches itself), stated in the table; ``smoke`` 1 epoch on 2% of the data (a check, not a
 result).
+
+With ``records=DIR`` each finished run also leaves a small record there (``normkd.records``), the
+teacher is kept beside them, and runs already recorded are skipped: the table is rebuilt from the
+records alone (``build_table``), so it can be grown over several sessions and machines.
 """
 
 from __future__ import annotations
@@ -19,20 +23,43 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from normkd.config import Recipe, load_recipe
 from normkd.engine import RunResult, run_recipe
 from normkd.engine.checkpoint import atomic_write, atomic_write_text
+from normkd.engine.runtime import resolve_amp, resolve_device
 from normkd.errors import UserError
 from normkd.extras import available, missing_line
 from normkd.log import logger
 from normkd.losses import method_label
 from normkd.published import CIFAR100, SOURCES, published
+from normkd.records import (
+    TEACHER,
+    Record,
+    git_commit,
+    keep_teacher,
+    kept_teacher,
+    machine_line,
+    now,
+    read_record,
+    read_records,
+    record_path,
+    sha256,
+    write_record,
+)
+from normkd.stats import Paired, mean_std, paired
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "cifar100"
 SCALES = ("paper", "short", "smoke")
-DEFAULT_METHODS = ("vanilla", "kd", "norm", "norm_kd", "norm_authors", "norm_kd_authors")
+DEFAULT_METHODS = (
+    "vanilla", "kd", "kd_matched", "norm", "norm_kd", "norm_authors", "norm_kd_authors",
+)  # fmt: skip
+# The comparisons a table leads with: each changes one thing (NORM added, all weights equal).
+HEADLINES = (("norm_kd", "kd_matched"), ("norm", "vanilla"))
+BASELINES = ("vanilla", "kd_matched", "kd")  # every row's paired difference is shown against these
+# Recipe-name suffixes: a variant of the method the rest of the name registers.
+VARIANTS = {"_authors": "authors' code", "_matched": "matched"}
+# The CIFAR pair folders' kd.yaml is the CRD benchmark's KD (0.1 CE + 0.9 KD): not weight-matched.
+SETTINGS = {"kd": "CRD setting"}
 SHORT_EPOCHS = 30
 SMOKE_FRACTION = 0.02
 
@@ -52,14 +79,15 @@ class Planned:
 
 @dataclass
 class Comparison:
-    """What ``reproduce`` ran and measured."""
+    """What ``reproduce`` ran and measured (or what its records hold), one record per run."""
 
     pair: str
     scale: str
     epochs: int
-    teacher: RunResult | None
-    runs: dict[str, list[RunResult]] = field(default_factory=dict)
+    teacher: Record | None
+    runs: dict[str, list[Record]] = field(default_factory=dict)
     seconds: float = 0.0
+    teacher_sha256: str | None = None
 
 
 def pairs() -> list[str]:
@@ -139,6 +167,18 @@ def plan(
     return teacher, runs
 
 
+def precision(recipe: Recipe) -> str:
+    """The precision a recipe trains in on this machine: bf16, fp16 or fp32."""
+    amp = resolve_amp(recipe.engine.amp, resolve_device(recipe.engine.device))
+    return "fp32" if amp == "off" else amp
+
+
+def _provenance(p: Planned) -> Path:
+    """Beside the run folder (not in it: the run owns its folder): where and at which commit the
+    run started, so a record names them even when the run finished in another process."""
+    return p.run_dir.parent / f"{p.run_dir.name}.provenance.json"
+
+
 def execute(p: Planned, index: int, total: int) -> RunResult:
     """Run (or resume, or read back) one planned run, saying which of how many it is."""
     d = p.run_dir
@@ -154,6 +194,9 @@ def execute(p: Planned, index: int, total: int) -> RunResult:
         logger.info(f"{what}: resuming at epoch {done + 1}/{p.recipe.optim.epochs}")
     else:
         logger.info(f"{what}: {p.recipe.optim.epochs} epochs ...")
+    if not _provenance(p).is_file():
+        start = {"commit": git_commit(), "machine": machine_line(), "started": now()}
+        atomic_write_text(_provenance(p), json.dumps(start) + "\n")
     # A folder without last.pt holds nothing to keep (a run stopped in its first epoch).
     result = run_recipe(p.recipe, resume=resume, overwrite=not resume)
     logger.info(
@@ -170,6 +213,73 @@ def read_result(run_dir: Path) -> RunResult:
     return RunResult(**{k: v for k, v in summary.items() if k in names})
 
 
+@dataclass
+class Table:
+    """Where a comparison's runs are recorded, and the setting every record must share."""
+
+    pair: str
+    scale: str
+    records: Path | None = None
+    teacher_sha256: str | None = None
+
+
+def record_of(p: Planned, result: RunResult, table: Table) -> Record:
+    """The committed record of one finished run: its summary, recipe, commit, machine, precision."""
+    start = {}
+    if _provenance(p).is_file():
+        start = json.loads(_provenance(p).read_text())
+    machine = start.get("machine") or machine_line()
+    summary = {f.name: getattr(result, f.name) for f in fields(RunResult)}
+    for name in ("history", "model", "model_meta", "run_dir"):
+        summary.pop(name)
+    return Record(
+        pair=table.pair,
+        method=p.method,
+        seed=p.seed,
+        scale=table.scale,
+        epochs=p.recipe.optim.epochs,
+        precision=precision(p.recipe),
+        best_top1=result.best_top1,
+        best_epoch=result.best_epoch,
+        final_top1=result.final_top1,
+        seconds=result.seconds,
+        commit=start.get("commit") or git_commit(),
+        machine=machine,
+        finished=now(),
+        teacher_sha256=None if p.method == TEACHER else table.teacher_sha256,
+        summary=summary,
+        recipe=json.loads(p.recipe.model_dump_json()),
+    )
+
+
+def recorded(p: Planned, table: Table) -> Record | None:
+    """The record of ``p`` already in the table's folder, checked to be the same setting."""
+    path = None if table.records is None else record_path(table.records, p.method, p.seed)
+    if path is None or not path.is_file():
+        return None
+    rec = read_record(path)
+    want = (table.scale, p.recipe.optim.epochs, precision(p.recipe), table.teacher_sha256)
+    have = (rec.scale, rec.epochs, rec.precision, rec.teacher_sha256)
+    if p.method != TEACHER and want != have:
+        raise UserError(
+            f"{path} records (scale, epochs, precision, teacher sha256) = {have}, this run "
+            f"would be {want}: one table holds one setting; use another --records folder"
+        )
+    return rec
+
+
+def run_or_read(p: Planned, index: int, total: int, table: Table) -> Record:
+    """One planned run's record: read from the table's records, or run (resuming) and recorded."""
+    rec = recorded(p, table)
+    if rec is not None:
+        logger.info(f"[reproduce] run {index}/{total}: {p.method} seed {p.seed}: recorded")
+        return rec
+    rec = record_of(p, execute(p, index, total), table)
+    if table.records is not None and p.method != TEACHER:
+        write_record(table.records, rec)
+    return rec
+
+
 def reproduce(
     pair: str,
     data_root: Path,
@@ -181,92 +291,176 @@ def reproduce(
     teacher_weights: Path | None = None,
     extra: list[str] | None = None,
     report: Path | None = None,
+    records: Path | None = None,
 ) -> Comparison:
     """Run the comparison (resuming what exists), print the table, write results.md/.png."""
     if seeds < 1:
         raise UserError("--seeds must be >= 1")
     t0 = time.perf_counter()
     methods = list(methods or DEFAULT_METHODS)
+    if records is not None and teacher_weights is None:
+        teacher_weights = kept_teacher(records)
+    if teacher_weights is not None and not teacher_weights.is_file():
+        raise UserError(f"--teacher-weights: no file at {teacher_weights}")
     teacher, runs = plan(
         pair, methods, seeds, scale, data_root, out_dir, epochs, teacher_weights, extra
     )
     total = len(runs) + (teacher is not None)
     n_epochs = runs[0].recipe.optim.epochs if runs else 0
     comp = Comparison(pair, scale, n_epochs, None, {m: [] for m in methods})
+    table = Table(pair, scale, records)
     if teacher is not None:
-        comp.teacher = execute(teacher, 1, total)
+        comp.teacher = run_or_read(teacher, 1, total, table)
+        weights = teacher.run_dir / "model.safetensors"
+        teacher_weights = keep_teacher(records, weights, comp.teacher) if records else weights
+    table.teacher_sha256 = comp.teacher_sha256 = sha256(teacher_weights)
     for i, p in enumerate(runs, start=total - len(runs) + 1):
-        comp.runs[p.method].append(execute(p, i, total))
+        comp.runs[p.method].append(run_or_read(p, i, total, table))
     comp.seconds = time.perf_counter() - t0
-    text = markdown(comp, runs[0].recipe if runs else None)
-    folder = out_dir / pair / scale
-    atomic_write_text(folder / "results.md", text)
-    plot(comp, folder / "results.png")
-    if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(report, text)
-        plot(comp, report.with_suffix(".png"))
+    if records is not None:
+        comp = build_table(records, methods)  # the table of everything recorded there
+        comp.seconds = time.perf_counter() - t0
+    write_table(comp, out_dir / pair / scale / "results.md", report)
+    return comp
+
+
+def write_table(comp: Comparison, path: Path, report: Path | None = None) -> str:
+    """Print the table and write it (Markdown + PNG) to ``path`` and, if given, ``report``."""
+    text = markdown(comp)
+    for target in (path, report):
+        if target is not None:
+            atomic_write_text(target, text)
+            plot(comp, target.with_suffix(".png"))
     print("\n" + text)
+    return text
+
+
+def build_table(records: Path, methods: list[str] | None = None) -> Comparison:
+    """The comparison a records folder holds (no data, no training): checked to be one setting.
+
+    ``methods`` orders (and selects) the rows; by default every recorded method, in
+    ``DEFAULT_METHODS`` order and then by name."""
+    recs = read_records(records)
+    teacher = next((r for r in recs if r.method == TEACHER), None)
+    students = [r for r in recs if r.method != TEACHER]
+    if not students:
+        raise UserError(f"{records} holds no student records yet")
+    settings = {(r.pair, r.scale, r.epochs, r.precision, r.teacher_sha256) for r in students}
+    if len(settings) > 1:
+        raise UserError(
+            f"{records} mixes settings (pair, scale, epochs, precision, teacher sha256): "
+            f"{sorted(settings, key=str)}; one table holds one setting"
+        )
+    pair, scale, epochs, _, teacher_sha = settings.pop()
+    if teacher is None:  # a teacher kept by another table of the same folder of tables
+        kin = (read_record(p) for p in sorted(records.parent.glob("*/teacher.json")))
+        teacher = next((r for r in kin if r.weights_sha256 == teacher_sha), None)
+    order = {m: i for i, m in enumerate(methods or DEFAULT_METHODS)}
+    found = sorted({r.method for r in students}, key=lambda m: (order.get(m, len(order)), m))
+    comp = Comparison(pair, scale, epochs, teacher, {}, teacher_sha256=teacher_sha)
+    for m in found if methods is None else [m for m in methods if m in found]:
+        comp.runs[m] = sorted((r for r in students if r.method == m), key=lambda r: r.seed)
     return comp
 
 
 def label(method: str) -> str:
-    """``norm_kd_authors`` -> ``NORM+KD (authors' code)``."""
-    base = method.removesuffix("_authors")
-    return method_label(base) + (" (authors' code)" if base != method else "")
+    """``norm_kd_authors`` -> ``NORM+KD (authors' code)``; ``kd`` -> ``KD (CRD setting)``."""
+    for suffix, variant in VARIANTS.items():
+        if method.endswith(suffix):
+            return f"{method_label(method.removesuffix(suffix))} ({variant})"
+    setting = SETTINGS.get(method)
+    return method_label(method) + (f" ({setting})" if setting else "")
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def _by_seed(recs: list[Record], best: bool = False) -> dict[int, float]:
+    return {r.seed: r.best_top1 if best else r.final_top1 for r in recs}
 
 
-def markdown(comp: Comparison, recipe: Recipe | None) -> str:
-    """The comparison table with its setting: pair, schedule, data, machine, wall time."""
-    seeds = max((len(r) for r in comp.runs.values()), default=0)
-    paired = seeds > 1 and "vanilla" in comp.runs  # one seed supports no difference
-    head = ["method", "best top-1 %", "final top-1 %"]
-    head += ["Δ final vs vanilla (paired)"] if paired else []
-    head += ["published (240 epochs)", "min / run"]
+def markdown(comp: Comparison) -> str:
+    """The table: final top-1 (mean ± std over seeds) as the headline, best beside it, each
+    row's paired difference to every baseline with its 95% interval, then the headlines."""
+    bases = [b for b in BASELINES if comp.runs.get(b)]
+    head = ["method", "seeds", "final top-1 %", "best top-1 %"]
+    head += [f"Δ final vs {label(b)} [95% CI]" for b in bases]
+    head += ["published (240 ep, best)", "min / run"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     if comp.teacher is not None:
         t = comp.teacher
-        cells = ["teacher", f"{t.best_top1:.2f}", f"{t.final_top1:.2f}"]
-        cells += [""] if paired else []
+        cells = ["teacher", "1", f"{t.final_top1:.2f}", f"{t.best_top1:.2f}", *[""] * len(bases)]
         rows.append("| " + " | ".join([*cells, "", f"{t.seconds / 60:.1f}"]) + " |")
-    base = comp.runs.get("vanilla", [])
-    for method, results in comp.runs.items():
-        final = [r.final_top1 for r in results]
-        cells = [label(method)]
-        cells += [_mean_std([r.best_top1 for r in results]), _mean_std(final)]
-        if paired:
-            diff = [a - b for a, b in zip(final, (r.final_top1 for r in base))]
-            cells.append("—" if method == "vanilla" else f"{statistics.mean(diff):+.2f}")
+    for method, recs in comp.runs.items():
+        if not recs:
+            continue
+        cells = [label(method), str(len(recs))]
+        cells += [mean_std(list(_by_seed(recs).values()))]
+        cells += [mean_std(list(_by_seed(recs, best=True).values()))]
+        for b in bases:
+            d = None if b == method else paired(_by_seed(recs), _by_seed(comp.runs[b]))
+            cells.append("—" if d is None else d.cell() + (" ~" if d.noise else ""))
         pub = published(comp.pair, method)
         cells.append(f"{pub:.2f}" if pub is not None else "—")
-        cells.append(f"{statistics.mean(r.seconds for r in results) / 60:.1f}")
+        cells.append(f"{statistics.mean(r.seconds for r in recs) / 60:.1f}")
         rows.append("| " + " | ".join(cells) + " |")
-    return _header(comp, recipe, seeds) + "\n".join(rows) + "\n\n" + _footer(comp)
+    table = "\n".join(rows)
+    return _header(comp) + table + "\n\n" + _headlines(comp) + _footer(comp)
 
 
-def _header(comp: Comparison, recipe: Recipe | None, seeds: int) -> str:
-    teacher, student = comp.pair.split("__")
+def _verdict(a: str, b: str, d: Paired) -> str:
+    if d.low is None:
+        return f"- {label(a)} vs {label(b)}: {d.mean:+.2f} points on one seed: no interval yet."
+    if d.noise:
+        what = "cannot be told from seed noise"
+    else:
+        what = "is ahead" if d.mean > 0 else "is behind"
+    return (
+        f"- {label(a)} vs {label(b)}: {d.cell()} points over {d.n} paired seeds: {label(a)} {what}."
+    )
+
+
+def _headlines(comp: Comparison) -> str:
+    """One line per headline comparison present (each changes one thing)."""
+    lines = []
+    for a, b in HEADLINES:
+        if comp.runs.get(a) and comp.runs.get(b):
+            d = paired(_by_seed(comp.runs[a]), _by_seed(comp.runs[b]))
+            if d is not None:
+                lines.append(_verdict(a, b, d))
+    if not lines:
+        return ""
+    return (
+        "Headline comparisons (final top-1, paired by seed; ~ in the table: the interval "
+        "covers 0):\n" + "\n".join(lines) + "\n\n"
+    )
+
+
+def _header(comp: Comparison) -> str:
+    teacher, student = comp.pair.split("__") if "__" in comp.pair else (comp.pair, "")
+    recs = [r for rs in comp.runs.values() for r in rs]
     sched = ""
-    if recipe is not None:
-        o = recipe.optim
+    if recs and recs[0].recipe:
+        o, d = recs[0].recipe["optim"], recs[0].recipe["data"]
         sched = (
-            f"{o.epochs} epochs ({o.schedule}, lr {o.lr}, milestones {o.milestones}, batch "
-            f"{recipe.data.batch_size}, amp {recipe.engine.amp})"
+            f"{o['epochs']} epochs ({o['schedule']}, lr {o['lr']}, milestones {o['milestones']}, "
+            f"warm-up {o['warmup_epochs']}, batch {d['batch_size']})"
         )
     kind = {"paper": "the recipes as shipped", "short": "a shortened schedule"}.get(comp.scale)
-    title = f"# CIFAR-100 {teacher} -> {student}: {comp.scale} scale"
     note = kind or f"a smoke check: 1 epoch on {SMOKE_FRACTION:.0%} of the data, not a result"
-    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    seeds = sorted({r.seed for r in recs})
+    commits = sorted({r.commit[:12] for r in recs})
+    machines = sorted({r.machine for r in recs})
+    precisions = sorted({r.precision for r in recs})
+    t = comp.teacher
+    who = f"{t.final_top1:.2f}% final top-1" if t is not None else "given"
+    sha = (comp.teacher_sha256 or "?")[:16]
     return (
-        f"{title}\n\n{seeds} seed(s); {note}: {sched}. {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}; wall time of this "
-        f"command {comp.seconds / 60:.1f} min (runs read back from earlier are not re-timed).\n\n"
+        f"# CIFAR-100 {teacher} -> {student}: {comp.scale} scale\n\n"
+        f"{note}: {sched}. Seeds {seeds} (a seed fixes the student's initial weights and the "
+        f"data order, so rows pair by seed); precision {', '.join(precisions)} (evaluation "
+        f"fp32); teacher {teacher} ({who}, weights sha256 {sha}...). Headline: final-epoch "
+        f"top-1, mean ± std over seeds; best-epoch beside it. Runs: {len(recs)}; commits "
+        f"{', '.join(commits)}; machine: {'; '.join(machines)}. Table written "
+        f"{now()}{'' if not comp.seconds else f' ({comp.seconds / 60:.1f} min this command)'}."
+        "\n\n"
     )
 
 
