@@ -127,6 +127,20 @@ def test_precision_authors_recipes_fp32_others_the_hardware_default() -> None:
             assert amp == "bf16", _rel(path)
 
 
+def test_authors_recipes_resolve_to_fp32_in_contiguous_memory_on_any_device() -> None:
+    """As the authors ran them: no autocast and no channels-last (which reorders fp32 sums)."""
+    from normkd.engine.runtime import resolve_amp, resolve_channels_last
+
+    authors = [p for p in RECIPES if p.stem.endswith("_authors")]
+    assert len(authors) == 2 * len(CIFAR_PAIRS) + len(IMAGENET_PAIRS)
+    for path in authors:
+        engine = load_recipe(path).engine
+        for device in ("cpu", "cuda"):
+            amp = resolve_amp(engine.amp, torch.device(device))
+            assert amp == "off", _rel(path)
+            assert resolve_channels_last(engine.channels_last, amp) is False, _rel(path)
+
+
 def test_pair_folders_complete() -> None:
     cifar = {_split(d) for d in _pair_dirs(CIFAR)}
     assert cifar == CIFAR_PAIRS
@@ -251,7 +265,9 @@ def test_imagenet_pair_settings(d: Path) -> None:
             assert (o.epochs, o.schedule, o.warmup_epochs) == (100, "cosine", 5)
         else:
             assert (o.epochs, o.lr, o.weight_decay, o.momentum) == (100, 0.1, 1e-4, 0.9)
-        assert (e.channels_last, e.out_dir) == (True, Path("runs/imagenet"))  # amp: see above
+        # amp: see above; the authors'-code recipe runs in contiguous memory, as they did
+        want = rec.name is not None and not rec.name.endswith("_authors")
+        assert (e.channels_last, e.out_dir) == (want, Path("runs/imagenet"))
         if rec.teacher is not None:  # a file named by the user, never downloaded
             assert rec.teacher.weights is not None
             assert rec.teacher.weights.parent == Path("data/pretrained")

@@ -16,7 +16,7 @@ IN_SHAPE = (3, 8, 8)  # the digits images
 N_TRAIN = 64
 
 
-def _distiller(loss: list[dict]) -> Distiller:
+def _distiller(loss: list[dict], **recipe: dict) -> Distiller:
     """resnet8x4 -> resnet8 (random weights) with ``loss``, through the run assembler."""
     recipe = recipe_from_dict(
         {
@@ -25,6 +25,7 @@ def _distiller(loss: list[dict]) -> Distiller:
             "student": {"model": "resnet8"},
             "loss": loss,
             "engine": {"device": "cpu"},
+            **recipe,
         }
     )
     teacher, student = (
@@ -43,6 +44,12 @@ def _distiller(loss: list[dict]) -> Distiller:
         recipe, Runtime(torch.device("cpu")), student=student, teacher=teacher, data=data
     )
     return job.distiller
+
+
+@pytest.fixture
+def zoo_distiller() -> Callable[..., Distiller]:
+    """Build resnet8x4 -> resnet8 (random weights) with a loss list and other recipe sections."""
+    return _distiller
 
 
 @pytest.fixture
