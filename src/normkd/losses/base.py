@@ -106,25 +106,67 @@ class TermConfig(Strict):
 TERMS: dict[str, type[TermConfig]] = {}
 
 
+KIND_PATTERN = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
+
+
 def register_term(cls: type[TermConfig]) -> type[TermConfig]:
-    """Make ``cls`` a valid ``kind`` in recipes (class decorator)."""
+    """Make ``cls`` a valid ``kind`` in recipes (class decorator).
+
+    A kind may hold ``_`` (``wkd_l``) as long as a method name still reads one way: it may not
+    be other kinds joined by ``_`` (``norm_kd`` is NORM + KD), nor ``vanilla``."""
     kind = cls.kind_name()
     if not kind or kind in TERMS:
         raise ValueError(f"loss term kind {kind!r} is empty or registered twice")
+    if not KIND_PATTERN.fullmatch(kind) or kind == "vanilla":
+        raise ValueError(f"loss term kind {kind!r}: use lower-case letters, digits and '_'")
+    parts = kind.split("_")
+    for cut in range(1, len(parts)):  # kinds joined by '_' would read as a method of several
+        head, tail = "_".join(parts[:cut]), "_".join(parts[cut:])
+        if head in TERMS and _parses(tail):
+            raise ValueError(f"loss term kind {kind!r} reads as the method {head}+{tail}")
     TERMS[kind] = cls
     return cls
+
+
+def _parses(name: str) -> bool:
+    try:
+        return bool(_split_kinds(name.split("_")))
+    except ValueError:
+        return False
+
+
+def _split_kinds(parts: list[str]) -> list[str]:
+    """``["norm", "wkd", "l"]`` -> ``["norm", "wkd_l"]``: longest registered kind first."""
+    kinds: list[str] = []
+    while parts:
+        for end in range(len(parts), 0, -1):
+            name = "_".join(parts[:end])
+            if name in TERMS and name != "ce":
+                kinds.append(name)
+                parts = parts[end:]
+                break
+        else:
+            raise ValueError("_".join(parts))
+    return kinds
 
 
 def method_kinds(method: str) -> list[str]:
     """``"norm+kd"`` (also ``norm_kd``, ``"norm kd"``) -> the term kinds it adds to CE, in order.
 
-    ``vanilla`` (or ``ce``) adds none. Raises ValueError naming what is unknown.
+    ``vanilla`` (or ``ce``) adds none; kinds that hold ``_`` (``norm+wkd_l``, ``norm_wkd_l``) are
+    read longest first. Raises ValueError naming what is unknown.
     """
-    tokens = [t for t in re.split(r"[+_ ]+", str(method).strip().lower()) if t]
-    if tokens in (["vanilla"], ["ce"]):
+    chunks = [c for c in re.split(r"[+ ]+", str(method).strip().lower()) if c]
+    if chunks in (["vanilla"], ["ce"]):
         return []
     known = [k for k in TERMS if k != "ce"]
-    bad = [t for t in tokens if t not in known]
+    tokens, bad = [], []
+    for chunk in chunks:
+        parts = [p for p in chunk.split("_") if p]
+        try:
+            tokens += _split_kinds(parts)
+        except ValueError as err:
+            bad.append(str(err))
     if not tokens or bad:
         raise ValueError(
             f"unknown method {method!r}"
