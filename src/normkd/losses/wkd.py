@@ -1,0 +1,328 @@
+"""Wasserstein distillation (Lv et al., NeurIPS 2024): WKD-L on logits, WKD-F on features.
+
+**WKD-L** splits the prediction as DKD does. The target class is matched by the teacher-weighted
+log-likelihood ``-mean_b p_t(y_b) log p_s(y_b)`` (T = 1, weight 1). The non-target classes are
+matched by an entropic (Sinkhorn) Wasserstein distance between the temperature-softened
+distributions over the ``C - 1`` other classes, under a class-to-class cost ``M``; it carries the
+weight ``gamma``. The authors run ``iters`` Sinkhorn sweeps from ``u = 1 / (C - 1)`` with kernel
+``exp(-M / lam)`` and ``1e-8`` in each division, use ``relu(M) + 1e-8`` as the cost, and let the
+gradient flow through the sweeps. ``gamma`` is cosine-decayed to 0 from ``decay_from`` to the last
+epoch (the authors' ``COSINE_DECAY_EPOCH``, with their 1-based epochs).
+
+The cost ``M``: the authors compute it offline from the *teacher*. For each class they stack the
+teacher's representation of all its training images (CIFAR-100: the last stage's map, every
+spatial position a row; ImageNet: the logits) and set ``M_ij = 1 - linearCKA(F_i, F_j)``, then
+sharpen it, ``M <- 1 - exp(-kappa M)`` (kappa 1); their files are in ``JiamingLv/WKD``
+``wkd_cost_matrix/`` (a plain tensor each, readable here with ``cost_matrix: PATH``).
+:func:`cka_cost_matrix` makes the same matrix from such class features. Their other option is
+``1 - cosine`` between the rows of the teacher's classifier (:func:`classifier_cost_matrix`).
+``cost_matrix: uniform`` is cost 1 between any two distinct classes (no class relations: for demos
+and dry runs).
+
+**WKD-F** passes the student's last stage through a projector (``conv1x1``: the FitNet
+regressor, conv + BN + ReLU; ``bottleneck``: 1x1 -> 3x3 -> 1x1 through 256 channels, + BN + ReLU)
+and matches each channel's mean and standard deviation (``sqrt(var + eps)``, unbiased variance)
+with the teacher's last stage: the Wasserstein-2 distance between diagonal Gaussians,
+``ratio * |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2``, summed over channels and averaged over the
+batch; with ``grid`` > 1 the statistics are taken per cell of an adaptive ``grid x grid`` split
+and averaged over cells too. The projector is the term's: trained with the student, never deployed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from torch import nn
+
+from normkd.errors import ConfigError
+from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
+from normkd.losses.fitnet import hint_regressor
+
+# ---------------------------------------------------------------- the cost matrix (WKD-L)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Linear CKA of two ``(n, d)`` feature matrices whose rows are paired samples."""
+    x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+    hsic = (y.t() @ x).pow(2).sum()
+    return hsic / ((x.t() @ x).norm() * (y.t() @ y).norm())
+
+
+def cka_cost_matrix(class_feats: torch.Tensor, sharpen: float = 1.0) -> torch.Tensor:
+    """``(C, n, d)`` teacher features per class -> ``(C, C)`` cost ``1 - exp(-k (1 - CKA))``."""
+    c = class_feats.shape[0]
+    cost = torch.zeros(c, c, dtype=class_feats.dtype)
+    for i in range(c):
+        for j in range(i + 1, c):
+            cost[i, j] = cost[j, i] = 1 - linear_cka(class_feats[i], class_feats[j])
+    return sharpen_cost(cost, sharpen)
+
+
+def classifier_cost_matrix(weight: torch.Tensor, sharpen: float = 1.0) -> torch.Tensor:
+    """``(C, D)`` teacher classifier rows -> ``(C, C)`` cost from their cosine distances."""
+    w = F.normalize(weight.detach(), dim=1)
+    return sharpen_cost(1 - w @ w.t(), sharpen)
+
+
+def sharpen_cost(cost: torch.Tensor, sharpen: float) -> torch.Tensor:
+    """The authors' ``1 - exp(-k M)`` (k = 0 leaves ``M`` as it is)."""
+    return cost if sharpen == 0 else 1 - torch.exp(-sharpen * cost)
+
+
+def load_cost_matrix(path: str) -> torch.Tensor:
+    """A ``(C, C)`` cost from a tensor file (.safetensors key ``cost``, or a torch file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"loss wkd_l: cost_matrix {path!r} not found; use a (C, C) teacher class-distance "
+            "file (e.g. JiamingLv/WKD wkd_cost_matrix/...), or cost_matrix: uniform"
+        )
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        cost = load_file(str(p))["cost"]
+    else:
+        cost = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 2 or cost.shape[0] != cost.shape[1]:
+        shape = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
+        raise ConfigError(f"loss wkd_l: cost_matrix {path!r} holds {shape}, not a (C, C) matrix")
+    return cost.detach().float()
+
+
+# ---------------------------------------------------------------- WKD-L
+
+
+def sinkhorn_distance(
+    p: torch.Tensor, q: torch.Tensor, cost: torch.Tensor, lam: float, iters: int
+) -> torch.Tensor:
+    """Per-row entropic OT cost ``<P, M>`` between ``(B, N)`` marginals ``p`` and ``q``.
+
+    ``cost`` is ``(B, N, N)``; the plan is ``diag(u) K diag(v)`` with ``K = exp(-M / lam)``
+    after ``iters`` alternating scalings started from ``u = 1 / N``."""
+    k = torch.exp(-cost / lam)
+    u = torch.full_like(p, 1.0 / p.shape[1]).unsqueeze(2)
+    p, q = p.unsqueeze(2), q.unsqueeze(2)
+    for _ in range(iters):
+        v = q / (k.transpose(1, 2) @ u + 1e-8)
+        u = p / (k @ v + 1e-8)
+    plan = u * k * v.transpose(1, 2)
+    return (plan * cost).sum((1, 2))
+
+
+def wkd_logit_parts(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    target: torch.Tensor,
+    cost: torch.Tensor,
+    temperature: float,
+    lam: float = 0.05,
+    iters: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target-class term, non-target Sinkhorn distance), each averaged over the batch."""
+    dtype = torch.promote_types(s_logits.dtype, torch.float32)
+    s, t = s_logits.to(dtype), t_logits.detach().to(dtype)
+    b, c = s.shape
+    gt = F.one_hot(target, c).bool()
+    target_term = -(t.softmax(1)[gt] * s.log_softmax(1)[gt]).mean()
+    keep = ~gt
+    p_s = (s[keep].view(b, c - 1) / temperature).softmax(1)
+    p_t = (t[keep].view(b, c - 1) / temperature).softmax(1)
+    m = F.relu(cost.to(device=s.device, dtype=dtype)) + 1e-8
+    pair = keep.unsqueeze(1) & keep.unsqueeze(2)  # (B, C, C): rows and columns of other classes
+    m = m.expand(b, c, c)[pair].view(b, c - 1, c - 1)
+    return target_term, sinkhorn_distance(p_s, p_t, m, lam, iters).mean()
+
+
+def cosine_decay(epoch: int, start: int, epochs: int) -> float:
+    """The authors' weight factor: 1 up to epoch ``start`` (1-based), then a half cosine to 0."""
+    e = epoch + 1  # their epochs count from 1
+    if e <= start or epochs <= start:
+        return 1.0
+    return 0.5 * (1 + math.cos((e - start) / (epochs - start) * math.pi))
+
+
+class WKDLogitLoss(LossTerm):
+    """Target-class likelihood + ``gamma`` x Sinkhorn distance over the non-target classes."""
+
+    kind = "wkd_l"
+    teacher_taps = frozenset({"logits"})
+
+    def __init__(
+        self,
+        cost: torch.Tensor | None,
+        gamma: float,
+        temperature: float,
+        lam: float = 0.05,
+        iters: int = 10,
+        decay_from: int | None = None,
+        epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("cost", cost, persistent=False)  # None: unit cost, sized on use
+        self.gamma, self.temperature, self.lam, self.iters = gamma, temperature, lam, iters
+        self.decay_from, self.epochs = decay_from, epochs
+
+    def forward(self, state: StepState) -> torch.Tensor:
+        assert state.teacher is not None and state.teacher.logits is not None
+        c = state.student.logits.shape[1]
+        if self.cost is None:
+            self.cost = 1 - torch.eye(c, device=state.student.logits.device)
+        if tuple(self.cost.shape) != (c, c):
+            raise ValueError(f"WKD-L: the cost matrix is {tuple(self.cost.shape)} for {c} classes")
+        target_term, wd = wkd_logit_parts(
+            state.student.logits, state.teacher.logits, state.y, self.cost,
+            self.temperature, self.lam, self.iters,
+        )  # fmt: skip
+        decay = 1.0
+        if self.decay_from is not None:
+            decay = cosine_decay(state.epoch, self.decay_from, self.epochs)
+        return target_term + self.gamma * decay * wd
+
+
+@register_term
+class WKDLogitTerm(TermConfig):
+    """WKD-L: DKD-style split, Sinkhorn Wasserstein distance over the non-target classes."""
+
+    kind: Literal["wkd_l"] = "wkd_l"
+    gamma: NonNegativeFloat = 10.0  # WKD_LOGIT_WEIGHT: ImageNet 10; CIFAR-100 600 (200 with WKD-F)
+    temperature: PositiveFloat = 2.0  # ImageNet 2; CIFAR-100 8
+    sinkhorn_lambda: PositiveFloat = 0.05
+    sinkhorn_iters: PositiveInt = 10
+    cost_matrix: str = (
+        "uniform"  # a (C, C) file (authors' CKA matrices load as they are) or uniform
+    )
+    sharpen: NonNegativeFloat = 1.0  # 1 - exp(-k M) on a loaded file (COST_MATRIX_SHARPEN)
+    decay_from: NonNegativeInt | None = 0  # cosine decay of gamma from this epoch; None: never
+    term: ClassVar[type[LossTerm]] = WKDLogitLoss
+    label: ClassVar[str] = "WKD-L"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        cost = None  # uniform: 1 - I, sized by the first logits
+        if self.cost_matrix != "uniform":
+            cost = sharpen_cost(load_cost_matrix(self.cost_matrix), self.sharpen)
+        return WKDLogitLoss(
+            cost, self.gamma, self.temperature, self.sinkhorn_lambda, self.sinkhorn_iters,
+            self.decay_from, ctx.epochs,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- WKD-F
+
+
+def _cells(size: int, grid: int) -> list[tuple[int, int]]:
+    """Adaptive-pooling windows ``[floor(i n / g), ceil((i + 1) n / g))`` along one axis."""
+    return [((i * size) // grid, -((-(i + 1) * size) // grid)) for i in range(grid)]
+
+
+def mean_std(
+    f: torch.Tensor, grid: int = 1, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and ``sqrt(unbiased var + eps)`` of a ``(B, C, H, W)`` map, per cell of
+    an adaptive ``grid x grid`` split -> two ``(B, C, grid, grid)`` tensors."""
+    if grid == 1:
+        return f.mean((2, 3), keepdim=True), (f.var((2, 3), keepdim=True) + eps).sqrt()
+    means, stds = [], []
+    for h0, h1 in _cells(f.shape[2], grid):
+        for w0, w1 in _cells(f.shape[3], grid):
+            cell = f[:, :, h0:h1, w0:w1]
+            means.append(cell.mean((2, 3)))
+            stds.append((cell.var((2, 3)) + eps).sqrt())
+    shape = (f.shape[0], f.shape[1], grid, grid)
+    return torch.stack(means, 2).view(shape), torch.stack(stds, 2).view(shape)
+
+
+def gaussian_w2_parts(
+    f_s: torch.Tensor, f_t: torch.Tensor, grid: int = 1, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean part, std part) of the diagonal-Gaussian Wasserstein-2 distance: squared
+    differences summed over channels, averaged over samples and grid cells."""
+    mu_s, sd_s = mean_std(f_s, grid, eps)
+    mu_t, sd_t = mean_std(f_t.detach(), grid, eps)
+    n = f_s.shape[0] * grid * grid
+    return (mu_s - mu_t).pow(2).sum() / n, (sd_s - sd_t).pow(2).sum() / n
+
+
+def bottleneck_projector(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> nn.Sequential:
+    """1x1 -> 3x3 -> 1x1 through 256 channels, then BN + ReLU (maps of equal size only)."""
+    (sc, sh, sw), (tc, th, tw) = s_shape, t_shape
+    if (sh, sw) != (th, tw):
+        raise ValueError(
+            f"the bottleneck projector needs equal map sizes, got {sh}x{sw} / {th}x{tw}"
+        )
+    return nn.Sequential(
+        nn.Conv2d(sc, 256, 1),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.Conv2d(256, tc, 1),
+        nn.BatchNorm2d(tc),
+        nn.ReLU(),
+    )
+
+
+class WKDFeatureLoss(LossTerm):
+    """``ratio * |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2`` on the projected last stage."""
+
+    kind = "wkd_f"
+    student_taps = frozenset({"stages"})
+    teacher_taps = frozenset({"stages"})
+
+    def __init__(
+        self,
+        s_shape: tuple[int, ...],
+        t_shape: tuple[int, ...],
+        ratio: float = 2.0,
+        grid: int = 1,
+        projector: str = "conv1x1",
+        eps: float = 1e-5,
+        decay_from: int | None = None,
+        epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        make = hint_regressor if projector == "conv1x1" else bottleneck_projector
+        self.projector = make(tuple(s_shape), tuple(t_shape))
+        self.ratio, self.grid, self.eps = ratio, grid, eps
+        self.decay_from, self.epochs = decay_from, epochs
+
+    def weight_at(self, epoch: int) -> float:
+        """The authors' cosine decay of the WKD-F weight (none when ``decay_from`` is None)."""
+        return 1.0 if self.decay_from is None else cosine_decay(epoch, self.decay_from, self.epochs)
+
+    def forward(self, state: StepState) -> torch.Tensor:
+        assert state.teacher is not None
+        f_s = self.projector(state.student.stages[-1])
+        dtype = torch.promote_types(f_s.dtype, torch.float32)  # statistics in at least fp32
+        f_s = f_s.to(dtype)
+        f_t = state.teacher.stages[-1].detach().to(dtype)
+        mean_part, std_part = gaussian_w2_parts(f_s, f_t, self.grid, self.eps)
+        return self.ratio * mean_part + std_part
+
+
+@register_term
+class WKDFeatureTerm(TermConfig):
+    """WKD-F: Gaussian Wasserstein distance between projected student and teacher last stages."""
+
+    kind: Literal["wkd_f"] = "wkd_f"
+    weight: NonNegativeFloat = 1.0  # WKD_FEAT_WEIGHT: ImageNet 1; CIFAR-100 0.08
+    ratio: NonNegativeFloat = 2.0  # MEAN_COV_RATIO: ImageNet 2; CIFAR-100 4 (8 with WKD-L)
+    grid: PositiveInt = 4  # SPATIAL_GRID: ImageNet 4 (default); CIFAR-100 1
+    projector: Literal["conv1x1", "bottleneck"] = "bottleneck"  # ImageNet default; CIFAR conv1x1
+    eps: PositiveFloat = 1e-5
+    decay_from: NonNegativeInt | None = 0  # COSINE_DECAY_EPOCH (CIFAR-100 150); None: never
+    term: ClassVar[type[LossTerm]] = WKDFeatureLoss
+    label: ClassVar[str] = "WKD-F"
+
+    def build(self, ctx: BuildContext) -> LossTerm:
+        s, t = ctx.pair(self.kind)
+        if not s.stages or not t.stages:
+            raise ConfigError("loss wkd_f: student and teacher need stage taps")
+        try:
+            return WKDFeatureLoss(
+                s.stages[-1], t.stages[-1], self.ratio, self.grid, self.projector, self.eps,
+                self.decay_from, ctx.epochs,
+            )  # fmt: skip
+        except ValueError as err:
+            raise ConfigError(f"loss wkd_f: {err}") from None

@@ -1,0 +1,209 @@
+"""WKD-L and WKD-F against closed forms: exact OT on costs with known answers, Gaussian W2."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normkd.errors import ConfigError
+from normkd.losses import StepState, Taps
+from normkd.losses.wkd import (
+    WKDFeatureLoss,
+    WKDFeatureTerm,
+    WKDLogitLoss,
+    WKDLogitTerm,
+    cka_cost_matrix,
+    classifier_cost_matrix,
+    cosine_decay,
+    gaussian_w2_parts,
+    linear_cka,
+    load_cost_matrix,
+    mean_std,
+    sinkhorn_distance,
+    wkd_logit_parts,
+)
+
+D64 = torch.float64
+
+
+def _simplex(b, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(b, n, generator=g, dtype=D64) * 2, 1)
+
+
+def _log_sinkhorn(p, q, cost, lam, iters=2000):
+    """Entropic OT by log-domain Sinkhorn (no stabilising constants): <P, M> at convergence."""
+    f, g = torch.zeros_like(p), torch.zeros_like(q)
+    for _ in range(iters):
+        f = lam * p.log() - lam * torch.logsumexp((g[:, None, :] - cost) / lam, 2)
+        g = lam * q.log() - lam * torch.logsumexp((f[:, :, None] - cost) / lam, 1)
+    plan = torch.exp((f[:, :, None] + g[:, None, :] - cost) / lam)
+    return (plan * cost).sum((1, 2)), plan
+
+
+def test_sinkhorn_is_entropic_ot_and_brackets_the_exact_distance():
+    p, q = _simplex(3, 6, 0), _simplex(3, 6, 1)
+    line = torch.arange(6, dtype=D64)
+    costs = {  # cost -> the exact (unregularised) Wasserstein distance
+        "unit": ((1 - torch.eye(6, dtype=D64)), 0.5 * (p - q).abs().sum(1)),  # total variation
+        "line": (
+            (line[:, None] - line[None]).abs() / 5,
+            (p.cumsum(1) - q.cumsum(1)).abs().sum(1) / 5,
+        ),
+    }
+    for name, (m, exact) in costs.items():
+        m = m.expand(3, 6, 6)
+        want, plan = _log_sinkhorn(p, q, m, 0.1)
+        assert torch.allclose(plan.sum(2), p) and torch.allclose(plan.sum(1), q, atol=1e-9)
+        got = sinkhorn_distance(p, q, m, 0.1, 1000)
+        assert torch.allclose(got, want, rtol=1e-5), name  # 1e-8 guards aside
+        # The regularised plan is feasible, so it costs at least the exact distance, and at most
+        # lam * (H(p) + H(q)) more.
+        h = -(p * p.log()).sum(1) - (q * q.log()).sum(1)
+        assert torch.all(got >= exact - 1e-9) and torch.all(got <= exact + 0.1 * h), name
+
+
+def test_sinkhorn_plan_has_the_two_marginals_and_no_cost_for_equal_inputs():
+    p = _simplex(2, 5, 3)
+    cost = (1 - torch.eye(5, dtype=D64)).expand(2, 5, 5)
+    assert float(sinkhorn_distance(p, p, cost, 0.01, 500).max()) < 1e-3
+    q = _simplex(2, 5, 4)
+    assert float(sinkhorn_distance(p, q, cost, 0.05, 10).min()) > 0.01
+
+
+def test_wkd_l_is_target_likelihood_plus_gamma_times_non_target_ot():
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(4, 6, generator=g, dtype=D64), torch.randn(4, 6, generator=g, dtype=D64)
+    y = torch.tensor([0, 2, 5, 2])
+    cost = classifier_cost_matrix(torch.randn(6, 8, generator=g, dtype=D64))
+    got_target, got_wd = wkd_logit_parts(s, t, y, cost, 2.0, 0.05, 10)
+    p_s, p_t = s.softmax(1), t.softmax(1)
+    want_target = -torch.stack([p_t[i, y[i]] * p_s[i, y[i]].log() for i in range(4)]).mean()
+    assert torch.allclose(got_target, want_target, rtol=1e-10)
+    wds = []
+    for i in range(4):  # the non-target classes of each sample, their renormalised softmax
+        keep = [c for c in range(6) if c != y[i]]
+        ps = torch.softmax(s[i, keep] / 2.0, 0)[None]
+        pt = torch.softmax(t[i, keep] / 2.0, 0)[None]
+        m = (F.relu(cost[keep][:, keep]) + 1e-8)[None]
+        wds.append(sinkhorn_distance(ps, pt, m, 0.05, 10))
+    assert torch.allclose(got_wd, torch.cat(wds).mean(), rtol=1e-10)
+    term = WKDLogitLoss(cost, gamma=7.0, temperature=2.0)
+    state = StepState(s, y, torch.arange(4), 0, Taps(s), Taps(t))
+    assert torch.allclose(term(state), want_target + 7.0 * got_wd, rtol=1e-10)
+
+
+def test_gamma_decays_as_a_half_cosine_after_the_start_epoch():
+    # Authors' epochs 1..240, decay after 150: ours are 0-based.
+    assert cosine_decay(149, 150, 240) == 1.0
+    assert cosine_decay(194, 150, 240) == pytest.approx(0.5)
+    assert cosine_decay(239, 150, 240) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_decay(0, 0, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 100)))
+
+
+def test_cost_matrices_from_class_features_and_classifier_rows():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(20, 5, generator=g, dtype=D64)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=D64))
+    # CKA is 1 for the same features rotated and scaled, below 1 for others.
+    assert float(linear_cka(x, 3 * x @ q)) == pytest.approx(1.0, abs=1e-12)
+    feats = torch.stack([x, 2 * x @ q, torch.randn(20, 5, generator=g, dtype=D64)])
+    cost = cka_cost_matrix(feats, sharpen=0)
+    assert cost[0, 1] == pytest.approx(0, abs=1e-12) and cost[0, 2] > 0.05
+    assert torch.equal(cost, cost.t()) and torch.all(cost.diag() == 0)
+    assert torch.allclose(cka_cost_matrix(feats, 1.0), 1 - torch.exp(-cost))
+    w = torch.randn(4, 3, generator=g, dtype=D64)
+    cos = F.cosine_similarity(w[:, None], w[None], dim=2)
+    assert torch.allclose(classifier_cost_matrix(w, 0), 1 - cos)
+
+
+def test_cost_matrix_files_load_safely_and_wrong_ones_are_refused(tmp_path):
+    cost = torch.rand(5, 5)
+    torch.save(cost, tmp_path / "c.pth")  # a plain tensor, as the authors ship theirs
+    assert torch.equal(load_cost_matrix(str(tmp_path / "c.pth")), cost)
+    torch.save({"x": cost}, tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match="not a"):
+        load_cost_matrix(str(tmp_path / "bad.pth"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_cost_matrix(str(tmp_path / "none.pth"))
+    term = WKDLogitLoss(torch.rand(4, 4), 1.0, 1.0)
+    s = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="for 5 classes"):
+        term(StepState(s, torch.tensor([0, 1]), torch.arange(2), 0, Taps(s), Taps(s)))
+
+
+def test_mean_std_per_cell_match_adaptive_pooling():
+    f = torch.randn(2, 3, 7, 7, dtype=D64)
+    mu, sd = mean_std(f, 4, eps=1e-5)
+    assert torch.allclose(mu, F.adaptive_avg_pool2d(f, 4))
+    n = F.adaptive_avg_pool2d(torch.ones(1, 1, 7, 7, dtype=D64), 4) * 0  # window sizes below
+    ones = torch.ones(1, 1, 7, 7, dtype=D64)
+    n = (
+        F.adaptive_avg_pool2d(
+            ones,
+            4,
+        )
+        / F.adaptive_avg_pool2d(ones / 1e6, 4)
+        / 1e6
+    )
+    counts = torch.tensor([2, 3, 3, 2], dtype=D64)  # adaptive windows of 7 -> 4
+    n = counts[:, None] * counts[None]
+    var = (F.adaptive_avg_pool2d(f * f, 4) - F.adaptive_avg_pool2d(f, 4) ** 2) * n / (n - 1)
+    assert torch.allclose(sd, (var + 1e-5).sqrt())
+    _mu1, sd1 = mean_std(f, 1, eps=0)
+    assert torch.allclose(sd1.flatten(), f.flatten(2).std(2).flatten())
+
+
+def test_wkd_f_with_ratio_one_is_the_gaussian_w2_distance():
+    # W2^2 between Gaussians: |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2).
+    f_s, f_t = torch.randn(3, 4, 5, 5, dtype=D64), torch.randn(3, 4, 5, 5, dtype=D64) * 2 + 1
+    mean_part, std_part = gaussian_w2_parts(f_s, f_t, eps=0.0)
+
+    def sqrtm(a):
+        e, v = torch.linalg.eigh(a)
+        return v @ torch.diag(e.clamp(min=0).sqrt()) @ v.t()
+
+    w2 = []
+    for i in range(3):
+        mu1, mu2 = f_s[i].mean((1, 2)), f_t[i].mean((1, 2))
+        s1, s2 = torch.diag(f_s[i].flatten(1).var(1)), torch.diag(f_t[i].flatten(1).var(1))
+        r = sqrtm(s1)
+        bures = torch.trace(s1 + s2 - 2 * sqrtm(r @ s2 @ r))
+        w2.append((mu1 - mu2).pow(2).sum() + bures)
+    assert torch.allclose(mean_part + std_part, torch.stack(w2).mean(), rtol=1e-8)
+
+
+def test_wkd_f_term_weights_the_mean_part_and_decays():
+    s_map, t_map = torch.randn(2, 4, 4, 4), torch.randn(2, 6, 4, 4)
+    term = WKDFeatureLoss((4, 4, 4), (6, 4, 4), ratio=8.0, grid=1, decay_from=150, epochs=240)
+    f_s = term.projector(s_map)
+    mean_part, std_part = gaussian_w2_parts(f_s, t_map)
+    state = StepState(
+        s_map, torch.zeros(2), torch.arange(2), 0, Taps(stages=[s_map]), Taps(stages=[t_map])
+    )
+    assert torch.allclose(term(state), 8.0 * mean_part + std_part, rtol=1e-6)
+    assert term.weight_at(100) == 1.0 and term.weight_at(239) == pytest.approx(0, abs=1e-12)
+
+
+def test_recipe_defaults_are_the_authors_imagenet_settings():
+    lt, ft = WKDLogitTerm(), WKDFeatureTerm()
+    assert (lt.weight, lt.gamma, lt.temperature, lt.sinkhorn_lambda, lt.sinkhorn_iters) == (
+        1.0, 10.0, 2.0, 0.05, 10,
+    )  # fmt: skip
+    assert (lt.sharpen, lt.decay_from) == (1.0, 0)
+    assert (ft.weight, ft.ratio, ft.grid, ft.projector, ft.decay_from) == (
+        1.0, 2.0, 4, "bottleneck", 0,
+    )  # fmt: skip
+
+
+def test_wkd_terms_train_through_the_real_assembler(zoo_step, check_grads):
+    d = zoo_step(
+        [{"kind": "ce"}, {"kind": "wkd_l"}, {"kind": "wkd_f", "grid": 1, "projector": "conv1x1"}]
+    )
+    check_grads(d, "wkd_l")
+    check_grads(d, "wkd_f")
+    d = zoo_step([{"kind": "ce"}, {"kind": "norm"}, {"kind": "wkd_l", "decay_from": None}])
+    assert set(d.terms) == {"ce", "norm", "wkd_l"}
+    stem = d.student.student.conv1.weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
