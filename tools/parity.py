@@ -1,0 +1,223 @@
+"""Parity of normkd's baseline terms with their authors' code, in float64 on identical inputs.
+
+The authors' files are never part of this repository: ``--ref DIR`` names a folder outside it
+holding them, laid out as packages so their relative imports resolve:
+
+    DIR/dist_ref/dist_kd.py   hunto/image_classification_sota lib/models/losses/dist_kd.py
+    DIR/wkd_ref/WKD.py, _base.py, _common.py, generate_cost_matrix.py
+                              JiamingLv/WKD mdistiller/distillers/*, tools/generate_cost_matrix.py
+    (each folder with an empty __init__.py)
+
+Their WKD-L casts probabilities to float32 inside the loss; for a float64 comparison the script
+hands that module a ``torch`` whose ``float32`` is float64 (every other name is torch's own).
+Prints one line per check: max |ours - theirs| (loss and gradients) and PASS / FAIL at 1e-6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import types
+
+import torch
+
+from normkd.losses import StepState, Taps
+from normkd.losses.dist import DISTLoss
+from normkd.losses.wkd import WKDFeatureLoss, WKDLogitLoss, linear_cka, sharpen_cost
+
+TOL = 1e-6
+D64 = torch.float64
+
+
+def _diff(ours: torch.Tensor, theirs: torch.Tensor, inputs: list[torch.Tensor]) -> float:
+    """Max abs difference of the two losses and of their gradients w.r.t. ``inputs``."""
+    g_o = torch.autograd.grad(ours, inputs, retain_graph=True)
+    g_t = torch.autograd.grad(theirs, inputs, retain_graph=True)
+    d = (ours - theirs).abs().item()
+    return max([d] + [(a - b).abs().max().item() for a, b in zip(g_o, g_t, strict=True)])
+
+
+def _logits(seed: int, b: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(b, c, generator=g, dtype=D64) * 3).requires_grad_()
+    t = torch.randn(b, c, generator=g, dtype=D64) * 3
+    return s, t, torch.randint(0, c, (b,), generator=g)
+
+
+def dist_checks(ref: types.ModuleType) -> list[tuple[str, float]]:
+    """DIST for the authors' two settings (ImageNet tau 1, CIFAR-100 tau 4)."""
+    rows = []
+    for tau, (b, c) in ((1.0, (32, 1000)), (4.0, (64, 100))):
+        s, t, y = _logits(int(tau), b, c)
+        ours = DISTLoss(1.0, 1.0, tau)(StepState(s, y, y, 0, Taps(s), Taps(t)))
+        theirs = ref.DIST(beta=1.0, gamma=1.0, tau=tau)(s, t)
+        rows.append((f"dist tau={tau:g} B={b} C={c}", _diff(ours, theirs, [s])))
+    return rows
+
+
+def _float64_torch() -> types.ModuleType:
+    shim = types.ModuleType("torch_f64")
+    shim.__dict__.update({k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    shim.float32 = D64
+    return shim
+
+
+def wkd_l_checks(ref: types.ModuleType, cost_file: str | None) -> list[tuple[str, float]]:
+    """WKD-L on the authors' CIFAR-100 matrix (sharpened as in their configs) and a random one."""
+    ref.torch = _float64_torch()
+    rows = []
+    costs = {"random": torch.rand(100, 100, generator=torch.Generator().manual_seed(0))}
+    if cost_file:
+        costs["authors' resnet32x4 CKA"] = torch.load(
+            cost_file, weights_only=True, map_location="cpu"
+        )
+    for name, raw in costs.items():
+        cost = sharpen_cost(raw.to(D64), 1.0)
+        for temp, gamma in ((8.0, 200.0), (2.0, 10.0)):
+            s, t, y = _logits(7, 64, 100)
+            ours = WKDLogitLoss(cost, gamma, temp, 0.05, 10)(
+                StepState(s, y, y, 0, Taps(s), Taps(t))
+            )
+            theirs = ref.wkd_logit_loss_with_speration(s, t, y, temp, gamma, cost, 0.05, 10)
+            rows.append(
+                (f"wkd_l {name} cost, T={temp:g} gamma={gamma:g}", _diff(ours, theirs, [s]))
+            )
+    ref.torch = torch
+    return rows
+
+
+def wkd_f_checks(ref: types.ModuleType, common: types.ModuleType) -> list[tuple[str, float]]:
+    """WKD-F with the authors' projector weights copied into ours (CIFAR and ImageNet settings)."""
+    rows = []
+    settings = (  # name, s_shape, t_shape, projector, ratio, grid
+        ("CIFAR conv1x1 grid 1", (256, 8, 8), (256, 8, 8), "conv1x1", 8.0, 1),
+        ("ImageNet bottleneck grid 4", (512, 7, 7), (512, 7, 7), "bottleneck", 2.0, 4),
+    )
+    for name, s_shape, t_shape, proj, ratio, grid in settings:
+        torch.manual_seed(0)
+        ours = WKDFeatureLoss(s_shape, t_shape, ratio, grid, proj).double()
+        if proj == "conv1x1":
+            theirs = common.ConvReg((1, *s_shape), (1, *t_shape), use_relu=True, use_bn=True)
+            state = ours.projector.state_dict()
+            theirs_state = dict(zip(theirs.state_dict(), state.values(), strict=True))
+        else:
+            theirs = common.ConvRegBottleNeck((1, *s_shape), (1, *t_shape), c_hidden=256)
+            theirs_state = dict(
+                zip(theirs.state_dict(), ours.projector.state_dict().values(), strict=True)
+            )
+        theirs.load_state_dict(theirs_state)
+        theirs = theirs.double()
+        g = torch.Generator().manual_seed(3)
+        f_s = torch.randn(8, *s_shape, generator=g, dtype=D64).requires_grad_()
+        f_t = torch.relu(torch.randn(8, *t_shape, generator=g, dtype=D64))
+        got = ours(StepState(f_s, f_s, f_s, 0, Taps(stages=[f_s]), Taps(stages=[f_t])))
+        mean_loss, cov_loss = ref.wkd_feature_loss(theirs(f_s), f_t, 1e-5, grid=grid)
+        want = ratio * mean_loss + cov_loss
+        rows.append((f"wkd_f {name}", _diff(got, want, [f_s])))
+    return rows
+
+
+def cka_checks(gen: types.ModuleType) -> list[tuple[str, float]]:
+    """Linear CKA between two classes' feature matrices, ours vs the authors' precentred one."""
+    g = torch.Generator().manual_seed(5)
+    x, y = (
+        torch.randn(500, 64, generator=g, dtype=D64),
+        torch.randn(500, 64, generator=g, dtype=D64),
+    )
+    y = y + 0.5 * x
+    return [
+        (
+            "wkd cost: linear CKA",
+            abs(linear_cka(x, y).item() - gen.linear_CKA_precenter(x, y).item()),
+        )
+    ]
+
+
+STEP_METHODS = {
+    "kd": [{"kind": "kd", "temperature": 4.0}],
+    "dist": [{"kind": "dist", "weight": 2.0, "tau": 4.0}],
+    "wkd_l": [{"kind": "wkd_l", "gamma": 600.0, "temperature": 8.0}],
+    "wkd_f": [{"kind": "wkd_f", "weight": 0.08, "ratio": 4.0, "grid": 1, "projector": "conv1x1"}],
+}
+
+
+def step_cost(repeats: int, steps: int) -> None:
+    """Seconds per full training step (forward, backward, SGD), resnet32x4 -> resnet8x4, batch
+    64 of 32x32, each method timed in turn within every repeat; median, and ratio to KD."""
+    import statistics
+    import time
+
+    from normkd.config import recipe_from_dict
+    from normkd.data.build import Data
+    from normkd.engine.job import assemble
+    from normkd.engine.runtime import Runtime
+    from normkd.models import create_model
+
+    data = Data(None, None, 100, (3, 32, 32), 64, torch.arange(64) % 100)
+    jobs = {}
+    for name, loss in STEP_METHODS.items():
+        torch.manual_seed(0)
+        recipe = recipe_from_dict({
+            "name": name, "teacher": {"model": "resnet32x4"}, "student": {"model": "resnet8x4"},
+            "loss": [{"kind": "ce"}, *loss], "engine": {"device": "cpu"},
+        })  # fmt: skip
+        t, s = (
+            create_model("resnet32x4", num_classes=100),
+            create_model("resnet8x4", num_classes=100),
+        )
+        job = assemble(recipe, Runtime(torch.device("cpu")), student=s, teacher=t, data=data)
+        jobs[name] = (job.distiller.train(), job.optimizer)
+    x, y = torch.randn(64, 3, 32, 32), torch.arange(64) % 100
+
+    def run(name: str, n: int) -> float:
+        d, opt = jobs[name]
+        start = time.perf_counter()
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            _logits, losses = d(x, y, torch.arange(64), epoch=0)
+            sum(losses.values()).backward()
+            opt.step()
+        return (time.perf_counter() - start) / n
+
+    for name in jobs:
+        run(name, 2)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name in jobs:
+            times[name].append(run(name, steps))
+    kd = statistics.median(times["kd"])
+    print("| method | s / step (median) | x KD | repeats |\n|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.3f} | {med / kd:.2f} | {', '.join(f'{t:.3f}' for t in ts)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ref", help="folder holding the authors' files (see above)")
+    ap.add_argument("--step-cost", type=int, metavar="REPEATS", help="time training steps instead")
+    ap.add_argument(
+        "--cost", help="the authors' wkd_cost_matrix/cifar100/resnet32x4/linear_cka.pth"
+    )
+    args = ap.parse_args()
+    if args.step_cost:
+        step_cost(args.step_cost, steps=3)
+        return
+    if not args.ref:
+        ap.error("--ref is required for the parity checks")
+    sys.path.insert(0, args.ref)
+    rows = dist_checks(importlib.import_module("dist_ref.dist_kd"))
+    wkd = importlib.import_module("wkd_ref.WKD")
+    rows += wkd_l_checks(wkd, args.cost)
+    rows += wkd_f_checks(wkd, importlib.import_module("wkd_ref._common"))
+    rows += cka_checks(importlib.import_module("wkd_ref.generate_cost_matrix"))
+    print(f"| check | max abs diff (loss, grads) | verdict (tol {TOL:g}) |\n|---|---|---|")
+    for name, d in rows:
+        print(f"| {name} | {d:.3e} | {'PASS' if d <= TOL else 'FAIL'} |")
+    if any(d > TOL for _, d in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
