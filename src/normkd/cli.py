@@ -219,6 +219,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         methods=args.methods,
         seeds=args.seeds,
         quiet=not args.verbose,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -310,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="train a teacher and distil students on the embedded digits set; print a table",
         description="On scikit-learn's bundled digits (no download): train a teacher, then "
-        "students with each method over several seeds; print a Markdown table and write it "
-        "with a PNG plot to the output folder.",
+        "students with each method over several seeds, for a CNN student and a ViT student; "
+        "print a Markdown table per pair (paired differences with 95%% intervals) and write "
+        "them with a PNG plot to the output folder.",
     )
     demo.add_argument("--quick", action="store_true", help="fewer epochs and one seed (< 60 s)")
     demo.add_argument(
@@ -319,11 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="M",
-        help="methods to compare (default: vanilla kd norm norm_kd)",
+        help="methods to compare (default: vanilla kd norm norm_kd vit_vanilla vit_kd vit_norm "
+        "vit_norm_kd)",
     )
     demo.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
     demo.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="output folder")
     demo.add_argument("--verbose", action="store_true", help="per-epoch lines for every run")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace run folders in --out-dir made with other settings (by default the demo "
+        "replaces only its own runs of the same settings)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train a teacher or a plain student from a recipe")

@@ -46,7 +46,7 @@ from normkd.records import (
     sha256,
     write_record,
 )
-from normkd.stats import Paired, mean_std, paired
+from normkd.stats import mean_std, paired, verdict
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "cifar100"
 SCALES = ("paper", "short", "smoke")
@@ -405,18 +405,6 @@ def markdown(comp: Comparison) -> str:
     return _header(comp) + table + "\n\n" + _headlines(comp) + _footer(comp)
 
 
-def _verdict(a: str, b: str, d: Paired) -> str:
-    if d.low is None:
-        return f"- {label(a)} vs {label(b)}: {d.mean:+.2f} points on one seed: no interval yet."
-    if d.noise:
-        what = "cannot be told from seed noise"
-    else:
-        what = "is ahead" if d.mean > 0 else "is behind"
-    return (
-        f"- {label(a)} vs {label(b)}: {d.cell()} points over {d.n} paired seeds: {label(a)} {what}."
-    )
-
-
 def _headlines(comp: Comparison) -> str:
     """One line per headline comparison present (each changes one thing)."""
     lines = []
@@ -424,7 +412,7 @@ def _headlines(comp: Comparison) -> str:
         if comp.runs.get(a) and comp.runs.get(b):
             d = paired(_by_seed(comp.runs[a]), _by_seed(comp.runs[b]))
             if d is not None:
-                lines.append(_verdict(a, b, d))
+                lines.append(f"- {verdict(label(a), label(b), d)}")
     if not lines:
         return ""
     return (

@@ -75,3 +75,14 @@ def paired(a: dict[int, float], b: dict[int, float]) -> Paired | None:
         return Paired(m, 1, None, None)
     half = t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return Paired(m, len(diffs), m - half, m + half)
+
+
+def verdict(a: str, b: str, d: Paired) -> str:
+    """One line saying what a paired difference ``a - b`` supports, in words."""
+    if d.low is None:
+        return f"{a} vs {b}: {d.mean:+.2f} points on one seed: no interval yet."
+    if d.noise:
+        what = "cannot be told from seed noise"
+    else:
+        what = "is ahead" if d.mean > 0 else "is behind"
+    return f"{a} vs {b}: {d.cell()} points over {d.n} paired seeds: {a} {what}."

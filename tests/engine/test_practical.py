@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -311,6 +312,26 @@ def test_a_run_still_at_chance_after_3_epochs_gets_one_warning_and_goes_on(tmp_p
     err = capsys.readouterr().err
     assert float(_last_row(tmp_path / "learns")["val_top1"]) >= 30.0
     assert "warning" not in err, err
+
+
+def test_labels_that_do_not_match_the_images_warn_after_3_epochs(tmp_path, capsys):
+    """Images shuffled between class folders: nothing to learn, so both the validation set and
+    the training batches stay at chance, and the one warning names the likely causes."""
+    root = write_image_folder(tmp_path / "images", classes=20, per_class=30, size=8)
+    files = sorted(root.rglob("*.png"))
+    rng = np.random.default_rng(0)
+    for i, f in enumerate(files):  # every image to a random class, renamed so none collide
+        f.rename(root / f"class_{rng.integers(20)}" / f"s{i:04d}.png")
+    over = [
+        "data.kind=folder", f"data.root={root}", "data.image_size=8", "data.workers=0",
+        "optim.epochs=3", "optim.lr=0.05", "engine.run_name=shuffled",
+    ]  # fmt: skip
+    argv = ["train", str(DEMO / "teacher.yaml"), "--out-dir", str(tmp_path), "--quiet"]
+    over = [*FAST, "student.model=tinycnn", "student.kwargs={width: 8}", *over]
+    assert main([*argv, *sets(*over)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "within 1.5x chance" in line]
+    assert len(lines) == 1 and "labels that do not match the images" in lines[0], err
 
 
 def _last_row(run_dir: Path) -> dict[str, str]:
