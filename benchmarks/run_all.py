@@ -116,8 +116,13 @@ def write_index(
 
 # Reports in the same folder that other commands write (longer runs than make bench).
 OTHER_REPORTS = {
-    "cifar100": "`normkd reproduce cifar100 ... --scale short --report ...`: real CIFAR-100 table",
-    "cifar100_mixed": "`normkd reproduce cifar100 resnet20__vit_mini_p4 ...`: CNN -> ViT, real data",
+    "cifar100": "`python benchmarks/tables.py build`: real CIFAR-100 resnet20 -> resnet8, seeded, "
+    "matched, from records",
+    "cifar100_mixed": "`python benchmarks/tables.py build`: real CIFAR-100 resnet20 -> vit_mini_p4 "
+    "(CNN -> ViT), seeded, matched, from records",
+    "cifar100_trend": "`python benchmarks/tables.py build`: NORM+KD - KD (matched) at 15 / 30 / 60 "
+    "epochs",
+    "parity": "`python tools/parity.py --ref DIR`: new terms against their authors' code",
     "soak": "`python tools/soak.py`: signals at random points of runs, racing writers",
     "mutants": "`make mutants`: named semantic mutants against the test suite",
 }

@@ -192,3 +192,37 @@ def test_index_says_why_a_benchmark_was_skipped(
     text = (tmp_path / "README.md").read_text()
     assert f"skipped: {missing} is missing (`make bench-env` creates it)" in text
     assert "failed" not in text
+
+
+def test_tables_rebuild_each_report_and_the_trend_from_records_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/tables.py build reads only the records: a report per table, the trend."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tables
+
+    from normkd.records import Record, write_record
+
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    monkeypatch.setattr(tables, "RUNS", tmp_path / "runs")
+    for name, epochs, gap in (
+        (tables.TEACHER_TABLE, 15, 1.0),
+        ("cifar100_resnet20__resnet8_e30", 30, 0.5),
+    ):
+        for method, seeds in (("kd_matched", 3), ("norm_kd", 3)):
+            for seed in range(seeds if epochs == 15 else 1):
+                final = 40.0 + seed + (gap if method == "norm_kd" else 0.0) + 0.1 * seed**2
+                write_record(
+                    tmp_path / "runs" / name,
+                    Record("resnet20__resnet8", method, seed, "short", epochs, "bf16", final, epochs,
+                           final, 900.0, "abc", "cpu", "now", teacher_sha256="ff"),
+                )  # fmt: skip
+    assert tables.main(["build"]) == 0
+    report = (tmp_path / "cifar100.md").read_text()
+    assert "| NORM+KD | 3 | " in report and "| KD (matched) | 3 | " in report
+    assert "- NORM+KD vs KD (matched): +1.00 [+1.00, +1.00]" in report
+    trend = (tmp_path / "cifar100_trend.md").read_text()
+    assert "15 epochs: +1.00; 30 epochs: +0.50" in trend
+    assert (tmp_path / "cifar100.png").is_file() and (tmp_path / "cifar100_trend.png").is_file()
+    assert not (tmp_path / "cifar100_mixed.md").exists()  # no records: no report
+    assert tables.main(["build", "nope"]) == 2
