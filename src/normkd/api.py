@@ -149,9 +149,15 @@ def export(
     """Write a deployable student to ONNX, checked against PyTorch with onnxruntime, with its
     input shape, normalisation and class names in the file's metadata. ``source``: a Result, a
     run directory or a model.safetensors; ``input_shape`` (C, H, W) defaults to the run's."""
+    from normkd.config import MAX_IMAGE_SIZE
     from normkd.engine import deploy
-    from normkd.engine.checkpoint import load_model_file
+    from normkd.engine.checkpoint import input_shape_ok, load_model_file
 
+    if input_shape is not None and not input_shape_ok(list(input_shape)):
+        raise UserError(
+            f"input_shape must be (C, H, W), integers in 1..{MAX_IMAGE_SIZE}; got "
+            f"{str(input_shape)[:80]}"
+        )
     path = Path(path)
     if path.exists() and not force:
         raise UserError(f"{path} exists: pass force=True to replace it")
@@ -168,9 +174,11 @@ def export(
 class _Batches:
     """A user loader seen as the engine's: ``(x, y, idx)`` batches, one length, set_epoch."""
 
-    def __init__(self, loader: Any, has_idx: bool) -> None:
+    def __init__(self, loader: Any, has_idx: bool, what: str = "train_data") -> None:
         self.loader = loader
         self.has_idx = has_idx
+        self.what = what
+        self.classes: int | None = None  # set once the models' class count is known
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -182,11 +190,25 @@ class _Batches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         seen = 0
-        for batch in self.loader:
+        for i, batch in enumerate(self.loader):
             x, y = batch[0], torch.as_tensor(batch[1]).long()
+            self._check_labels(y, i)
             idx = batch[2] if self.has_idx else torch.arange(seen, seen + len(y))
             seen += len(y)
             yield x, y, torch.as_tensor(idx).long()
+
+    def _check_labels(self, y: torch.Tensor, i: int) -> None:
+        """Labels outside 0..classes-1 in any batch (not only the first, checked up front) are a
+        UserError naming the batch, not torch's IndexError from deep inside a loss."""
+        k = self.classes
+        if k is None or not y.numel():
+            return
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= k:
+            raise UserError(
+                f"{self.what} batch {i}: labels run from {low} to {high}, but the models predict "
+                f"{k} classes (labels must lie in 0..{k - 1})"
+            )
 
 
 def _sized(obj: Any) -> bool:
@@ -412,6 +434,7 @@ def distill(
         logger.info("note: no val_data: accuracy is measured on train_data")
     data = _data(train, (val, val_idx) if val is not None else (train, has_idx), has_idx, x)
     data.num_classes, data.train_labels = num_classes, labels
+    data.train.classes = data.test.classes = num_classes  # type: ignore[union-attr]
     data.info |= {"teacher": type(teacher).__name__ if teacher else None}
     data.info |= {"student": type(student).__name__}
     run = run_recipe(
@@ -526,4 +549,6 @@ def _data(train: Any, test: tuple[Any, bool], has_idx: bool, x: torch.Tensor) ->
         "evaluated_on": "train" if test[0] is train else "val",
     }
     in_shape = tuple(int(s) for s in x.shape[1:])
-    return Data(_Batches(train, has_idx), _Batches(*test), 0, in_shape, info, train_size=size)  # type: ignore[arg-type]
+    what = "train_data" if test[0] is train else "val_data"
+    batches = _Batches(train, has_idx), _Batches(*test, what=what)
+    return Data(*batches, 0, in_shape, info, train_size=size)  # type: ignore[arg-type]

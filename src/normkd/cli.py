@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from normkd import __version__
 from normkd.errors import UserError
@@ -140,6 +143,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from normkd.engine import deploy
     from normkd.engine.checkpoint import load_checkpoint, save_model
     from normkd.engine.job import assemble
+    from normkd.engine.rundir import load_state
     from normkd.engine.runtime import Runtime
 
     src = args.source
@@ -156,7 +160,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     rt = Runtime(torch.device("cpu"))
     # Built as for a dry run (the teacher's weights are not needed), on the run's real data.
     job = assemble(recipe, rt, data=_test_data(recipe, rt.device), dry_run=True)
-    job.distiller.load_state_dict(state["distiller"])
+    load_state(job.distiller, state["distiller"], ckpt_path)  # config.yaml may have been edited
     x = next(iter(job.data.test))[0]
     merged, diff = deploy.merge_checked(job.student, x)
     _check_output(args.out, args.force)
@@ -183,20 +187,21 @@ def _check_output(path: Path, force: bool) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from normkd.config import MAX_IMAGE_SIZE
     from normkd.engine import deploy
-    from normkd.engine.checkpoint import load_model_file
+    from normkd.engine.checkpoint import input_shape_ok, load_model_file
 
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
     shape = None
     if args.input_shape is not None:
         try:
-            shape = tuple(int(s) for s in args.input_shape.split(","))
+            shape = tuple(int(s) for s in args.input_shape[:100].split(","))
         except ValueError:
             shape = ()
-        if len(shape) != 3 or min(shape) < 1:
+        if not input_shape_ok(shape):
             raise UserError(
                 "--input-shape must be C,H,W (three positive integers), got "
-                f"{args.input_shape[:40]!r}"
+                f"{args.input_shape[:40]!r}; each at most {MAX_IMAGE_SIZE}"
             )
     _check_output(args.onnx, args.force)
     model, meta = load_model_file(path)
@@ -275,7 +280,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--data-root", type=Path, required=True, help="folder holding cifar-100-python/"
     )
     rep.add_argument("--methods", nargs="+", default=None, metavar="M", help="recipe names")
-    rep.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
+    rep.add_argument("--seeds", type=count(1, 100), default=1, help="seeds per method (default 1)")
     rep.add_argument(
         "--scale",
         choices=["paper", "short", "smoke"],
@@ -283,7 +288,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="paper: recipes as shipped (240 epochs, a GPU job); short: --epochs; smoke: 1 epoch "
         "on 2%% of the data",
     )
-    rep.add_argument("--epochs", type=int, default=None, help="short scale's epochs (30)")
+    rep.add_argument(
+        "--epochs", type=count(1, 1_000_000), default=None, help="short scale's epochs (30)"
+    )
     rep.add_argument("--teacher-weights", type=Path, help="a trained teacher (skips training it)")
     rep.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"), help="run folders")
     rep.add_argument("--report", type=Path, help="also write the table (and PNG) here")
@@ -298,7 +305,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="normkd",
         description="Knowledge distillation with NORM (N-to-One Representation Matching) "
         "and strong baselines.",
@@ -324,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods to compare (default: vanilla kd norm norm_kd vit_vanilla vit_kd vit_norm "
         "vit_norm_kd)",
     )
-    demo.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
+    demo.add_argument(
+        "--seeds", type=count(1, 100), default=None, help="seeds per method (default 3)"
+    )
     demo.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="output folder")
     demo.add_argument("--verbose", action="store_true", help="per-epoch lines for every run")
     demo.add_argument(
@@ -380,22 +389,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose own errors (a missing or malformed argument) keep normkd's promise too:
+    one line starting ``normkd: error:`` and exit code 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"normkd: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (a count normkd allocates or loops over)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    held: list[warnings.WarningMessage] = []
     try:
-        with sigterm_as_interrupt():  # from here to exit: a run's own handler nests inside
+        # Python warnings wait for the command's end: one that a failing command raised on its
+        # way (a library's FutureWarning while building a model) would stand before the error.
+        with warnings.catch_warnings(record=True) as held, sigterm_as_interrupt():
+            warnings.simplefilter("default")
             return int(args.func(args))
     except UserError as err:
         print(f"normkd: error: {_one_line(err)}", file=sys.stderr)
+        held = []
         return 2
     except KeyboardInterrupt as err:  # the engine's TrainingInterrupted says what is saved
         print(f"normkd: {_one_line(err) or 'interrupted'}", file=sys.stderr)
         return int(getattr(err, "exit_code", 2))  # 143 after SIGTERM
+    finally:
+        for w in held:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _one_line(err: BaseException) -> str:
-    """The message on one line, whatever a library put in it."""
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+MAX_LINE = 2000  # characters of an error line: bounded whatever a message repeats
+
+
+def _one_line(err: BaseException | str) -> str:
+    """The message on one line, whatever a library put in it, and at most MAX_LINE long."""
+    text = str(err)[: MAX_LINE * 4]
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text if len(text) <= MAX_LINE else text[: MAX_LINE - 1] + "…"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import yaml
 from pydantic import (
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -35,6 +34,19 @@ __all__ = [
 ]
 
 
+# Bounds on the integers a recipe feeds to torch, numpy and allocations, checked where the recipe
+# is read: far beyond any real run, well within what a seeded generator (numpy: < 2**32) and a
+# tensor shape can hold, so a typo is one line and never an overflow or a huge allocation.
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+MAX_IMAGE_SIZE = 4096
+MAX_BATCH = 65536
+MAX_WORKERS = 256
+MAX_EPOCHS = 1_000_000
+MAX_COUNT = 1_000_000_000
+MAX_INT = SEED_MAX  # any integer in a recipe (loss terms and model kwargs included)
+
+
 class DataCfg(Strict):
     """Where the images come from and how they are batched."""
 
@@ -42,14 +54,18 @@ class DataCfg(Strict):
     # loaders passed from Python (normkd.distill), nothing for the CLI to build.
     kind: Literal["digits", "cifar100", "imagenet", "folder", "external"] = "digits"
     root: Path | None = None
-    image_size: PositiveInt = 224  # folder: train crop / val centre crop side
+    image_size: Annotated[int, Field(ge=1, le=MAX_IMAGE_SIZE)] = (
+        224  # folder: train crop / val centre crop side
+    )
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # folder without train/ and val/
-    batch_size: PositiveInt = 64
-    eval_batch_size: PositiveInt = 256
-    workers: NonNegativeInt = 4
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 64
+    eval_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 256
+    workers: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = 4
     augment: bool = True
-    n_train: PositiveInt = 1000  # digits: size of the seeded train split (the rest is test)
-    split_seed: int = 0
+    n_train: Annotated[int, Field(ge=1, le=MAX_COUNT)] = (
+        1000  # digits: size of the seeded train split (the rest is test)
+    )
+    split_seed: Seed = 0
     # digits / cifar100: train and test on a seeded random part of each (smoke runs); 1 = all
     fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     # folder / imagenet: leave out files whose header is no readable image (not an image, empty,
@@ -137,7 +153,7 @@ class OptimCfg(Strict):
     """The optimizer (SGD or AdamW) and the learning-rate schedule (per-epoch, with optional
     linear warm-up)."""
 
-    epochs: PositiveInt = 240
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 240
     # adamw: decoupled weight decay (Loshchilov & Hutter); it wants a far lower lr (about 1e-3)
     # and usually more weight_decay (about 0.05) than SGD's defaults below.
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -152,14 +168,14 @@ class OptimCfg(Strict):
     weight_decay_norm_bias: bool = True
     grad_clip: NonNegativeFloat = 0.0  # clip the global gradient L2 norm per step to this; 0: off
     schedule: Literal["multistep", "step", "cosine", "constant"] = "multistep"
-    milestones: list[PositiveInt] = Field(default_factory=lambda: [150, 180, 210])
-    step_size: PositiveInt = 30
+    milestones: list[PositiveInt] = Field(default_factory=lambda: [150, 180, 210], max_length=1000)
+    step_size: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 30
     lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
-    warmup_epochs: NonNegativeInt = 0
+    warmup_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 0
     # data.batch_size is the global batch over all processes; with "linear", the lr used is
     # lr * global_batch / lr_reference_batch (Goyal et al.), so recipes stay valid when it changes.
     lr_scaling: Literal["none", "linear"] = "none"
-    lr_reference_batch: PositiveInt = 256
+    lr_reference_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 256
 
     @model_validator(mode="after")
     def _check(self) -> OptimCfg:
@@ -190,21 +206,23 @@ class EngineCfg(Strict):
     # torch.compile of the whole step, NORM included (one graph): +13% a resnet32x4 -> resnet8x4
     # step on a 2-core CPU after ~60 s of compiling; off by default, for long runs.
     compile: bool = False
-    seed: int = 0
+    seed: Seed = 0
     out_dir: Path = Path("runs")
     run_name: str | None = None
     quiet: bool = False
-    eval_every: PositiveInt = 1
+    eval_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     sync_bn: bool = False  # multi-GPU: synchronise the student's BatchNorm statistics across ranks
     # Re-estimate the student's BatchNorm running statistics (FT included) on training batches
     # before each evaluation, so what is evaluated, checkpointed, merged and saved uses statistics
     # of its final weights. auto: on when a BatchNorm has momentum below 0.1 or None (cumulative),
     # whose running averages lag the weights of a short run (torchvision/timm MobileNets: 0.01).
     bn_recalibrate: Literal["auto", "on", "off"] = "auto"
-    bn_recalibrate_batches: PositiveInt = 50  # or the whole epoch when it has fewer
+    bn_recalibrate_batches: Annotated[int, Field(ge=1, le=MAX_COUNT)] = (
+        50  # or the whole epoch when it has fewer
+    )
     # Warn (once, training goes on) when the evaluation top-1 is still within 1.5x chance after
     # this many epochs (the last epoch of a shorter run); 0: never.
-    chance_check_epochs: NonNegativeInt = 3
+    chance_check_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 3
 
     @field_validator("bn_recalibrate", "amp", mode="before")
     @classmethod
@@ -378,17 +396,62 @@ def _parse_yaml(text: str) -> Any:
         if depth > MAX_DEPTH:
             raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ValueError(_yaml_problem(err)) from None
     except RecursionError:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+    _count_values(value)  # aliases can make a few hundred bytes stand for millions of values
+    return value
 
 
-def _clip(text: str) -> str:
+MAX_VALUES = 10_000  # values in one recipe (a real one holds about a hundred)
+
+
+def _count_values(data: Any) -> None:
+    """Raise ValueError when ``data`` holds more than MAX_VALUES values, counting a value each
+    time it is reached (a YAML alias repeats its whole anchor); stops at the bound."""
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ValueError(
+                f"holds more than {MAX_VALUES:,} values (YAML aliases repeating a structure?)"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+
+
+def _check_values(data: Any) -> None:
+    """Raise ValueError naming the key of an integer beyond MAX_INT or a string holding a
+    control character (a NUL cannot be a path); run after :func:`_count_values` bounds it."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            items: Any = ((_loc_part(k), v) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            items = ((str(i), v) for i, v in enumerate(node))
+        else:
+            items = ()
+        stack.extend((v, f"{where}.{k}" if where else k) for k, v in items)
+        if isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_INT:
+            raise ValueError(
+                f"{where}: integer out of range (a recipe's integers lie within "
+                f"-{MAX_INT}..{MAX_INT})"
+            )
+        if isinstance(node, str) and any((ord(c) < 32 and c != "\t") or c == "\x7f" for c in node):
+            raise ValueError(f"{where}: {_clip(repr(node))} holds a control character")
+
+
+def _clip(text: str, limit: int = MAX_ECHO) -> str:
     """A user's value as an error message repeats it: one line (unprintables escaped), bounded."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 1] + "…"
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 4])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -413,7 +476,8 @@ def _loc_part(p: Any) -> str:
 
 def _format_errors(err: ValidationError, source: str) -> str:
     msgs = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS]:
         loc = ".".join(_loc_part(p) for p in e["loc"] if not (isinstance(p, str) and p in _KINDS))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -425,8 +489,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown loss term kind; valid kinds: {', '.join(_KINDS)}"
         elif e["type"] == "union_tag_not_found":
             msg = f"each loss term needs 'kind' (one of: {', '.join(_KINDS)})"
-        msgs.append(f"{loc}: {msg}" if loc else msg)
+        msgs.append(_clip(f"{loc}: {msg}" if loc else msg, MAX_MESSAGE))
+    if len(errors) > MAX_ERRORS:
+        msgs.append(f"and {len(errors) - MAX_ERRORS:,} more")
     return f"{source}: " + "; ".join(msgs)
+
+
+MAX_ERRORS = 5  # problems one message lists
+MAX_MESSAGE = 300  # characters of each
 
 
 _KINDS = tuple(sorted(TERMS))
@@ -435,6 +505,11 @@ _TERM_FIELDS = {kind: list(cls.model_fields) for kind, cls in TERMS.items()}
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a plain dict into a Recipe, raising ConfigError with readable messages."""
+    try:
+        _count_values(data)
+        _check_values(data)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:

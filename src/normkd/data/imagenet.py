@@ -121,6 +121,96 @@ class IndexedDataset(Dataset):
         return x, y, index
 
 
+def _real(path: str) -> tuple[int, int] | str:
+    """What ``path`` is on disk, links followed: (device, inode); the path if it cannot be read
+    (a dangling link, left for the header scan to name)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return st.st_dev, st.st_ino
+
+
+def walk_once(top: str, seen: set[Any]) -> list[tuple[str, list[str]]]:
+    """(folder, sorted file names) under ``top``, in sorted order, following links but entering
+    each real folder once and listing each real file once (``seen`` is shared over the classes:
+    the first class that reaches a file in sorted order holds it), so a link back up the tree
+    (a cycle) or two links to one folder never repeat images."""
+    found = []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        dirs.sort()
+        seen.add(_real(root))
+        dirs[:] = [d for d in dirs if _real(os.path.join(root, d)) not in seen]
+        mine = []
+        for name in sorted(files):
+            key = ("file", _real(os.path.join(root, name)))
+            if key not in seen:
+                seen.add(key)
+                mine.append(name)
+        found.append((root, mine))
+    return sorted(found)
+
+
+def _links_once_dataset(
+    directory: str,
+    class_to_idx: dict[str, int],
+    extensions: tuple[str, ...] | None = None,
+    is_valid_file: Any = None,
+    allow_empty: bool = False,
+) -> list[tuple[str, int]]:
+    """torchvision's make_dataset over :func:`walk_once`: its order, its error for empty
+    classes, but each real image once (torchvision's own walk loops through a cycle of links
+    until paths grow too long: 24 images became 10,824 samples)."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    def valid(p: str) -> bool:
+        return (
+            is_valid_file(p)
+            if is_valid_file is not None
+            else has_file_allowed_extension(p, extensions or ())
+        )
+
+    # The root and every class folder count as entered: a link up to them is not followed.
+    top = os.path.expanduser(directory)
+    seen = {_real(top), *(_real(os.path.join(top, c)) for c in class_to_idx)}
+    samples, have = [], set()
+    for cls in sorted(class_to_idx):
+        target = os.path.join(top, cls)
+        if not os.path.isdir(target):
+            continue
+        for root, names in walk_once(target, seen):
+            for name in names:
+                if valid(os.path.join(root, name)):
+                    samples.append((os.path.join(root, name), class_to_idx[cls]))
+                    have.add(cls)
+    empty = set(class_to_idx) - have
+    if empty and not allow_empty:
+        msg = f"Found no valid file for the classes {', '.join(sorted(empty))}. "
+        if extensions is not None:
+            msg += f"Supported extensions are: {', '.join(extensions)}"
+        raise FileNotFoundError(msg)
+    return samples
+
+
+def _links_once_folder() -> Any:
+    """ImageFolder whose scan is :func:`_links_once_dataset`, made on first use (torchvision is
+    imported lazily) and kept as this module's ``LinksOnce``, so worker processes unpickle it."""
+    if "LinksOnce" not in globals():
+        from torchvision.datasets import ImageFolder
+
+        cls = type("LinksOnce", (ImageFolder,), {"make_dataset": staticmethod(_links_once_dataset)})
+        cls.__module__ = __name__
+        globals()["LinksOnce"] = cls
+    return globals()["LinksOnce"]
+
+
+def __getattr__(name: str) -> Any:
+    """``LinksOnce`` on demand (a spawned worker unpickling a dataset looks it up here)."""
+    if name == "LinksOnce":
+        return _links_once_folder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _image_folder(
     path: Path,
     transform: Any,
@@ -134,12 +224,11 @@ def _image_folder(
     With ``skip_bad`` the bad files are left out instead, listed in its ``skipped`` attribute
     as (path, reason); otherwise ``skipped`` is empty.
     """
-    from torchvision.datasets import ImageFolder
 
     if not path.is_dir():
         raise DataError(f"{what} {path} does not exist: expected the layout {layout}")
     try:
-        ds = ImageFolder(str(path), transform=transform, loader=load_image)
+        ds = _links_once_folder()(str(path), transform=transform, loader=load_image)
     except FileNotFoundError as e:  # no class folders, or class folders with no images
         raise DataError(
             f"{what} {path} has no images ({e}): expected the layout {layout}"

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from normkd.config import MAX_IMAGE_SIZE
 from normkd.errors import UserError
 from normkd.models.weights import CheckpointError, safe_torch_load
 
@@ -108,16 +109,30 @@ def read_model_meta(path: Path) -> dict[str, Any]:
         isinstance(out, dict)
         and isinstance(out.get("model"), str)
         and type(out.get("num_classes")) is int
-        and out["num_classes"] >= 1
+        and 1 <= out["num_classes"] <= MAX_CLASSES
+        and (out.get("input_shape") is None or input_shape_ok(out["input_shape"]))
         and isinstance(out.get("kwargs", {}), dict)
         and not {"num_classes", "weights"} & set(out.get("kwargs", {}))
     )
     if not ok:
         raise CheckpointError(
             f"{path}: its normkd metadata must be JSON with model (a name), num_classes "
-            f"(an integer >= 1) and kwargs (a mapping); got {meta[:200]!r}"
+            f"(an integer in 1..{MAX_CLASSES:,}), kwargs (a mapping) and, if any, input_shape "
+            f"(C,H,W each in 1..{MAX_IMAGE_SIZE}); got {meta[:200]!r}"
         )
     return out
+
+
+MAX_CLASSES = 1_000_000  # a model file's class count: far beyond ImageNet-21k's 21,841
+
+
+def input_shape_ok(shape: Any) -> bool:
+    """Whether ``shape`` is C,H,W of integers in 1..MAX_IMAGE_SIZE (what an export allocates)."""
+    return (
+        isinstance(shape, list | tuple)
+        and len(shape) == 3
+        and all(type(s) is int and 1 <= s <= MAX_IMAGE_SIZE for s in shape)
+    )
 
 
 def load_model_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:

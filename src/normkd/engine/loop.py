@@ -21,7 +21,7 @@ from normkd.config import Recipe, recipe_to_dict
 from normkd.data.build import Data
 from normkd.engine import calibrate, deploy, runtime
 from normkd.engine.job import Job, assemble
-from normkd.engine.rundir import Best, RunDir, RunLock, interrupt_note
+from normkd.engine.rundir import Best, RunDir, RunLock, interrupt_note, load_state
 from normkd.engine.step import EpochMeter, evaluate, train_step
 from normkd.log import logger
 from normkd.norm import FTStudent
@@ -316,10 +316,11 @@ def _restore(job: Job, run: RunDir) -> tuple[int, Best]:
     state = run.state
     if state is None:
         return 0, Best()
-    job.distiller.load_state_dict(state["distiller"])
-    job.optimizer.load_state_dict(state["optimizer"])
+    last = run.path / "last.pt"
+    load_state(job.distiller, state["distiller"], last)
+    load_state(job.optimizer, state["optimizer"], last)
     if "scaler" in state:
-        job.runtime.scaler.load_state_dict(state["scaler"])
+        load_state(job.runtime.scaler, state["scaler"], last)
     return state["epoch"], Best(state["best_top1"], state["best_epoch"])
 
 

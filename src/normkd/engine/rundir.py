@@ -31,8 +31,9 @@ from normkd.engine.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from normkd.engine.logs import MetricsCSV, TensorBoard
+from normkd.engine.logs import MetricsCSV, TensorBoard, read_rows
 from normkd.errors import UserError
+from normkd.models.weights import CheckpointError
 
 RUN_FILES = (
     "config.yaml",
@@ -149,6 +150,13 @@ class RunDir:
                 f"--resume: the recipe differs from the one {self.path} was started with; "
                 "resume with the same recipe (see its config.yaml)"
             )
+        epoch = check_progress(self.state, last, self.recipe.optim.epochs)
+        if epoch == self.recipe.optim.epochs and (self.path / "summary.json").exists():
+            raise UserError(
+                f"--resume: {self.path} is finished ({epoch}/{epoch} epochs, see its "
+                "summary.json): nothing to resume; pass --overwrite to train it again"
+            )
+        read_rows(self.path / "metrics.csv", epoch)  # what the run goes on from must read back
 
     def _existing(self) -> list[str]:
         return [f for f in RUN_FILES if (self.path / f).exists()]
@@ -214,6 +222,39 @@ class RunDir:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def check_progress(state: dict[str, Any], path: Path, epochs: int) -> int:
+    """The epoch a training state holds, checked against the recipe's ``epochs`` with its best
+    epoch and top-1 (numbers a resume feeds to seeds, logs and summary.json)."""
+    epoch, best_epoch, best = state["epoch"], state["best_epoch"], state["best_top1"]
+    ok = (
+        type(epoch) is int
+        and 1 <= epoch <= epochs
+        and type(best_epoch) is int
+        and 0 <= best_epoch <= epoch
+        and isinstance(best, float | int)
+        and -1.0 <= best <= 100.0
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path} is a malformed normkd training checkpoint: epoch {str(epoch)[:20]}, best "
+            f"epoch {str(best_epoch)[:20]}, best top-1 {str(best)[:20]} for a {epochs}-epoch recipe"
+        )
+    return epoch
+
+
+def load_state(module: Any, state: Any, path: Path) -> None:
+    """``module.load_state_dict(state)`` or a one-line CheckpointError: a checkpoint of another
+    run (or a recipe edited since) would otherwise end in torch's many-line key listing."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        first = " ".join(str(err).split())
+        raise CheckpointError(
+            f"{path} does not fit the model its recipe builds (a checkpoint of another run, or "
+            f"a recipe edited since?): {first[:300]}"
+        ) from None
 
 
 class NonFiniteStateError(UserError):
