@@ -564,7 +564,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "ft-default-init",
-        "normkd/norm.py",
+        "normkd/norm/paper.py",
         "FT keeps PyTorch's conv init, not the authors' Kaiming fan-out",
         '        if init == "authors":\n',
         "        if False:\n",
@@ -572,7 +572,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "norm-loss-times-n",
-        "normkd/norm.py",
+        "normkd/norm/paper.py",
         "NORM loss is the mean over segments, not the sum",
         "expand_as(segments)) * n",
         "expand_as(segments))",
