@@ -52,7 +52,6 @@ class StepState:
 class LossTerm(nn.Module):
     """A named loss term; ``student_taps``/``teacher_taps`` declare what the distiller collects."""
 
-    kind: ClassVar[str] = ""
     student_taps: ClassVar[frozenset[str]] = frozenset({"logits"})
     teacher_taps: ClassVar[frozenset[str]] = frozenset()
 
@@ -85,7 +84,8 @@ class BuildContext:
 
 
 class TermConfig(Strict):
-    """A term's entry in a recipe's ``loss:`` list. Subclasses add ``kind: Literal[...]``."""
+    """A term's entry in a recipe's ``loss:`` list. Subclasses add ``kind: Literal[...]``: the
+    term's kind lives there only (its default), as do its settings' defaults."""
 
     weight: NonNegativeFloat = 1.0
     term: ClassVar[type[LossTerm]] = LossTerm
