@@ -124,3 +124,11 @@ def test_the_doc_names_what_it_is_checked_by() -> None:
     checked = _checked()
     assert {"engine/job.py", "assemble", "Distiller.hooks_kept", "norm/paper.py"} <= set(checked)
     assert len(checked) > 60
+
+
+def test_the_paper_reads_in_one_short_file() -> None:
+    """FT, the loss and the merge in one file a reader takes in at once (the doc's promise)."""
+    paper = (SRC / "norm" / "paper.py").read_text()
+    assert len(paper.splitlines()) <= 300
+    assert all(f"def {name}(" in paper for name in ("norm_loss", "fold_ft", "spatial_ratio"))
+    assert "class FeatureTransform(" in paper

@@ -1,7 +1,5 @@
 """NORM: Knowledge Distillation via N-to-One Representation Matching (Liu et al., ICLR 2023).
 
-The paper, top to bottom:
-
 1. :class:`FeatureTransform` (FT) sits after the student's last conv map: a 1x1 conv expands
    ``C_s -> N * C_t`` channels, a second 1x1 conv contracts ``N * C_t -> C_s``; the contracted map
    continues through the student's own global pooling and classifier. The authors' code adds a
@@ -12,10 +10,9 @@ The paper, top to bottom:
    average pooling into a new classifier: the deployed student has exactly its original
    architecture and parameter count, and the same logits.
 
-How FT is wired into a model (:func:`~normkd.norm.student.attach_ft`, ``merge_ft``), its token
-and pooled forms (:mod:`~normkd.norm.forms`), the factored speed path
-(:mod:`~normkd.norm.factored`) and the authors' inner FT (:mod:`~normkd.norm.inner`) each have
-their own file; the tests prove each equal to the paper's form here.
+FT's wiring into a model (``student.py``: ``attach_ft``, ``merge_ft``), its token and pooled forms
+(``forms.py``), the factored speed path (``factored.py``) and the authors' inner FT (``inner.py``)
+each have their own file; the tests prove each equal to the paper's form here.
 """
 
 from __future__ import annotations
