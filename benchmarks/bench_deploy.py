@@ -106,8 +106,8 @@ def measure_pair(
     from normkd.norm import attach_ft, max_logit_diff, merge_ft
 
     recipe = load_recipe(folder / "norm.yaml")
-    assert recipe.teacher is not None and recipe.norm is not None
-    norm = recipe.norm
+    norm = recipe.term("norm")
+    assert recipe.teacher is not None and norm is not None
     torch.manual_seed(0)
     teacher = create_model(recipe.teacher.model, num_classes=100, **recipe.teacher.kwargs)
     t_channels = get_taps(teacher, torch.zeros(2, 3, 32, 32)).feat_channels

@@ -54,7 +54,7 @@ def make_step(
 
     over = ["teacher.weights=null"] + ([f"loss.2.n={n}"] if n is not None else [])
     recipe = load_recipe(recipe_file, over)
-    assert n is None or (recipe.norm is not None and recipe.norm.n == n)
+    assert n is None or (recipe.term("norm") is not None and recipe.term("norm").n == n)
     job = assemble(recipe, Runtime(device), data=Data(None, None, 100, (3, 32, 32)), dry_run=True)
     job.distiller.train()
     x = torch.randn(batch, 3, 32, 32, device=device)

@@ -187,8 +187,8 @@ def test_pooled_student_is_matched_to_the_teachers_average_pooled_map():
     want = F.mse_loss(vector, t_map.mean((2, 3)).repeat(1, N)) * N
     torch.testing.assert_close(pooled_norm_loss(vector, t_map, N), want)
     state = StepState(
-        torch.zeros(3), torch.zeros(3), torch.zeros(3), 0, Taps(), Taps(feat=t_map),
-        PooledExpanded(vector),
+        torch.zeros(3), torch.zeros(3), torch.zeros(3), 0, Taps(wrapper=PooledExpanded(vector)),
+        Taps(feat=t_map),
     )  # fmt: skip
     torch.testing.assert_close(NORMLoss(N)(state), want)  # the term takes the pooled route
     with pytest.raises(ValueError, match="pooled_norm_loss expects"):

@@ -196,7 +196,7 @@ def test_cifar_pair_settings(d: Path) -> None:
     kd = _terms(r["kd"])
     assert (kd["ce"].weight, kd["kd"].weight, kd["kd"].temperature) == (0.1, 0.9, 4.0)
     for method in ("norm", "norm_kd", "norm_authors", "norm_crd", "norm_dkd"):
-        norm = r[method].norm
+        norm = r[method].term("norm")
         assert norm is not None and (norm.n, norm.ramp, norm.weight) == (8, "cifar", 1.0)
         assert norm.bn and norm.residual and norm.reduce == "max" and norm.stages == "last"
     for method in ("norm", "norm_kd", "norm_crd", "norm_dkd", "fitnet", "at", "crd", "dkd"):
@@ -219,7 +219,7 @@ def test_cifar_pair_settings(d: Path) -> None:
     # NORM+KD the authors' way: norm_authors.yaml plus a KD term at T = 4, standardised too.
     both = r["norm_kd_authors"]
     assert both.logit_standardization == authors.logit_standardization
-    assert _terms(both)["ce"] == _terms(authors)["ce"] and both.norm == authors.norm
+    assert _terms(both)["ce"] == _terms(authors)["ce"] and both.term("norm") == authors.term("norm")
     assert set(_terms(both)) == {"ce", "kd", "norm"} and _terms(both)["kd"].temperature == 4.0
 
 
@@ -279,7 +279,7 @@ def test_imagenet_pair_settings(d: Path) -> None:
     kd = _terms(r["kd"])
     assert (kd["ce"].weight, kd["kd"].weight, kd["kd"].temperature) == (0.5, 0.5, 1.0)
     for method in ("norm", "norm_kd", "norm_authors", "norm_crd", "norm_dkd"):
-        norm = r[method].norm
+        norm = r[method].term("norm")
         assert norm is not None and (norm.n, norm.ramp, norm.weight) == (8, "imagenet", 1.0)
     assert not r["norm"].logit_standardization.enabled
     assert r["norm_authors"].logit_standardization.enabled

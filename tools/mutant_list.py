@@ -161,10 +161,10 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "build-ft-bn-residual",
-        J,
+        "normkd/losses/norm.py",
         "FT bn/residual settings ignored",
-        "norm.n, norm.bn, norm.residual, example, norm.init",
-        "norm.n, True, True, example, norm.init",
+        "self.n, self.bn, self.residual, example, self.init",
+        "self.n, True, True, example, self.init",
         T_DDP,
     ),
     Mutant(
@@ -356,8 +356,8 @@ MUTANTS: list[Mutant] = [
         "loop-no-merge",
         "normkd/engine/deploy.py",
         "deployable model is the FT-less plain student",
-        "    merged = merge_ft(student)\n    return merged, max_logit_diff",
-        "    merged = student.student.eval()\n    return merged, max_logit_diff",
+        "    model = job.deployable()\n    return model, max_logit_diff",
+        "    model = job.plain.eval()\n    return model, max_logit_diff",
         ("tests/engine/test_trainer.py",),
     ),
     Mutant(
@@ -564,7 +564,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "ft-default-init",
-        "normkd/norm.py",
+        "normkd/norm/paper.py",
         "FT keeps PyTorch's conv init, not the authors' Kaiming fan-out",
         '        if init == "authors":\n',
         "        if False:\n",
@@ -572,7 +572,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "norm-loss-times-n",
-        "normkd/norm.py",
+        "normkd/norm/paper.py",
         "NORM loss is the mean over segments, not the sum",
         "expand_as(segments)) * n",
         "expand_as(segments))",

@@ -286,8 +286,8 @@ def _first_batch(loader: Any, what: str) -> tuple[torch.Tensor, torch.Tensor, bo
     return x, y.long(), len(batch) == 3
 
 
-def method_kinds(method: str) -> list[str]:
-    """``"norm+kd"`` (or ``norm_kd``, ``"norm kd"``) -> the loss term kinds after CE."""
+def _method_kinds(method: str) -> list[str]:
+    """:func:`normkd.losses.method_kinds` with a user error naming example methods."""
     try:
         return losses.method_kinds(method)
     except ValueError as err:
@@ -299,7 +299,7 @@ def method_loss(method: str, options: dict[str, Any], epochs: int) -> list[dict[
     the caller set (``<kind>_<field>``, or a shared one); the rest keep the terms' defaults."""
     o = {**OPTIONS, **options}
     terms = []
-    for kind in ["ce", *method_kinds(method)]:
+    for kind in ["ce", *_method_kinds(method)]:
         settings = TERMS[kind].model_fields
         term: dict[str, Any] = {"kind": kind}
         for option, (setting, _default) in SHARED.items():

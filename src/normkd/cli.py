@@ -154,21 +154,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"no config.yaml beside {ckpt_path}: merge needs the run directory")
     recipe = load_recipe(run_dir / "config.yaml")
-    if recipe.norm is None:
-        raise UserError(f"{recipe.name} does not use NORM: there is no FT to merge")
+    if not any(t.changes_student() for t in recipe.loss):
+        raise UserError(
+            f"{recipe.name}: none of its loss terms changes the student: nothing to merge"
+        )
     state = load_checkpoint(ckpt_path)
     rt = Runtime(torch.device("cpu"))
     # Built as for a dry run (the teacher's weights are not needed), on the run's real data.
     job = assemble(recipe, rt, data=_test_data(recipe, rt.device), dry_run=True)
     load_state(job.distiller, state["distiller"], ckpt_path)  # config.yaml may have been edited
     x = next(iter(job.data.test))[0]
-    merged, diff = deploy.merge_checked(job.student, x)
+    merged, diff = deploy.deploy_checked(job, x)
     _check_output(args.out, args.force)
     save_model(args.out, merged, deploy.model_meta(recipe, job.plain, job.data, True))
     n = sum(p.numel() for p in merged.parameters())
     print(
         f"merged {ckpt_path} -> {args.out}: {recipe.student.model}, {n:,} params; "
-        f"max |logit diff| vs FT student on a batch of {x.shape[0]}: {diff:.2e}"
+        f"max |logit diff| vs the trained student on a batch of {x.shape[0]}: {diff:.2e}"
     )
     return 0
 

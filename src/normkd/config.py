@@ -212,10 +212,11 @@ class EngineCfg(Strict):
     quiet: bool = False
     eval_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     sync_bn: bool = False  # multi-GPU: synchronise the student's BatchNorm statistics across ranks
-    # Re-estimate the student's BatchNorm running statistics (FT included) on training batches
-    # before each evaluation, so what is evaluated, checkpointed, merged and saved uses statistics
-    # of its final weights. auto: on when a BatchNorm has momentum below 0.1 or None (cumulative),
-    # whose running averages lag the weights of a short run (torchvision/timm MobileNets: 0.01).
+    # Re-estimate the student's BatchNorm running statistics (its terms' modules' too) on training
+    # batches before each evaluation, so what is evaluated, checkpointed, merged and saved uses
+    # statistics of its final weights. auto: on when a BatchNorm has momentum below 0.1 or None
+    # (cumulative), whose running averages lag the weights of a short run (torchvision/timm
+    # MobileNets: 0.01).
     bn_recalibrate: Literal["auto", "on", "off"] = "auto"
     bn_recalibrate_batches: Annotated[int, Field(ge=1, le=MAX_COUNT)] = (
         50  # or the whole epoch when it has fewer
@@ -277,10 +278,9 @@ class Recipe(Strict):
             )
         return self
 
-    @property
-    def norm(self) -> Any:
-        """The NORM term's settings, if the recipe uses NORM (it decides whether FT is attached)."""
-        return next((t for t in self.loss if t.kind == "norm"), None)
+    def term(self, kind: str) -> Any:
+        """The settings of the recipe's term of ``kind``, or None when it has none."""
+        return next((t for t in self.loss if t.kind == kind), None)
 
     def run_dir(self) -> Path:
         return self.engine.out_dir / (self.engine.run_name or self.name)

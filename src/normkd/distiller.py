@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normkd.losses.base import LossTerm, StepState
-from normkd.models.taps import TapHooks, Taps, TapSpec, collect_taps, get_taps
-from normkd.norm import FTStudent
+from normkd.models.taps import StudentWrapper, TapHooks, Taps, TapSpec, collect_taps, get_taps
 
 
 def standardize_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -29,7 +28,7 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 class Distiller(nn.Module):
-    """Holds the student (with FT when NORM is used), the frozen teacher and weighted terms."""
+    """Holds the student (as its terms wrap it: NORM's FT), the frozen teacher, weighted terms."""
 
     def __init__(
         self,
@@ -46,7 +45,7 @@ class Distiller(nn.Module):
         self.terms = nn.ModuleDict(terms)
         self.weights = dict(weights)
         self.logit_scale = logit_scale
-        plain = student.student if isinstance(student, FTStudent) else student
+        plain = student.student if isinstance(student, StudentWrapper) else student
         self.s_spec: TapSpec = get_taps(plain)
         self._s_plain = [plain]  # a list keeps it from being registered twice
         self.s_needs = frozenset().union(*(t.student_taps for t in terms.values()))
@@ -76,9 +75,9 @@ class Distiller(nn.Module):
 
     @contextlib.contextmanager
     def hooks_kept(self) -> Iterator[None]:
-        """Keep the tap hooks (and FT's) registered for the block, so no forward inside it
-        registers any: what lets ``torch.compile`` trace a whole step as one graph. The trainer
-        holds them over its epochs; outside the block each forward registers its own."""
+        """Keep the tap hooks (and the student wrapper's) registered for the block, so no forward
+        inside it registers any: what lets ``torch.compile`` trace a whole step as one graph. The
+        trainer holds them over its epochs; outside the block each forward registers its own."""
         if self._kept is not None:
             yield
             return
@@ -86,10 +85,10 @@ class Distiller(nn.Module):
         if self.teacher is not None and self.t_needs:
             assert self.t_spec is not None
             kept["teacher"] = TapHooks(self.teacher, self.t_spec, self.t_needs)
-        ft = self.student.hooks_kept() if isinstance(self.student, FTStudent) else None
+        wrapper = self.student.hooks_kept() if isinstance(self.student, StudentWrapper) else None
         self._kept = kept
         try:
-            with ft if ft is not None else contextlib.nullcontext():
+            with wrapper if wrapper is not None else contextlib.nullcontext():
                 yield
         finally:
             self._kept = None
@@ -123,8 +122,9 @@ class Distiller(nn.Module):
             s_taps.logits = standardize_logits(s_taps.logits, self.logit_scale)
             if t_taps is not None and t_taps.logits is not None:
                 t_taps.logits = standardize_logits(t_taps.logits, self.logit_scale)
-        expanded = self.student.expanded if isinstance(self.student, FTStudent) else None
-        state = StepState(x, y, idx, epoch, s_taps, t_taps, expanded)
+        if "wrapper" in self.s_needs and isinstance(self.student, StudentWrapper):
+            s_taps.wrapper = self.student.handed()  # what the term's modules on the student made
+        state = StepState(x, y, idx, epoch, s_taps, t_taps)
         losses = {
             name: term(state) * (self.weights[name] * term.weight_at(epoch))
             for name, term in self.terms.items()

@@ -368,7 +368,7 @@ def test_merge_cli_reports_the_real_logit_diff(norm_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["merge", str(run_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    m = re.search(r"max \|logit diff\| vs FT student on a batch of (\d+): (\S+)", printed)
+    m = re.search(r"max \|logit diff\| vs the trained student on a batch of (\d+): (\S+)", printed)
     assert m is not None, printed
     test, ft = _restore(load_recipe(run_dir / "config.yaml"), run_dir / "last.pt")
     assert isinstance(ft, FTStudent)

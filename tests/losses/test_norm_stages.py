@@ -21,9 +21,8 @@ def _state(s_stages, t_stages, expanded) -> StepState:
         y=torch.zeros(2, dtype=torch.long),
         idx=torch.arange(2),
         epoch=0,
-        student=Taps(stages=s_stages),
+        student=Taps(stages=s_stages, wrapper=expanded),
         teacher=Taps(feat=t_stages[-1], stages=t_stages),
-        expanded=expanded,
     )
 
 
@@ -45,7 +44,10 @@ def test_side_heads_loss_is_last_stage_plus_each_inner_pair_deepest_first():
         + norm_loss(term.heads[1](s_stages[0]), t_stages[0], n)
     )
     assert torch.allclose(term(_state(s_stages, t_stages, expanded)), want)
-    assert term.student_taps == {"logits", "stages"} and term.teacher_taps == {"feat", "stages"}
+    assert term.student_taps == {"logits", "stages", "wrapper"} and term.teacher_taps == {
+        "feat",
+        "stages",
+    }
 
 
 def test_last_stage_term_has_no_heads_and_reads_only_the_last_map():
@@ -62,7 +64,7 @@ def test_layer3_loss_is_norm_loss_of_the_inner_and_the_last_expanded_maps():
     # the teacher's 8x8 stage is max-pooled to the inner FT's 4x4 map, as the authors do
     want = norm_loss(last, t_stages[-1], n) + norm_loss(inner, t_stages[1], n)
     assert torch.allclose(got, want)
-    assert term.student_taps == {"logits"} and term.teacher_taps == {"feat", "stages"}
+    assert term.student_taps == {"logits", "wrapper"} and term.teacher_taps == {"feat", "stages"}
     with pytest.raises(RuntimeError, match="inner FT"):
         term(_state([], t_stages, last))  # a student without its inner FT is refused
     with pytest.raises(RuntimeError, match="not layer3"):
@@ -73,7 +75,7 @@ def test_all_is_a_deprecated_alias_of_side_heads():
     base = {"name": "t", "teacher": {"model": "resnet8"}, "student": {"model": "resnet8"}}
     with pytest.warns(FutureWarning, match="side_heads"):
         recipe = recipe_from_dict(base | {"loss": [{"kind": "norm", "stages": "all"}]})
-    assert recipe.norm.stages == "side_heads"
+    assert recipe.term("norm").stages == "side_heads"
 
 
 def _distill(tmp_path, demo_teacher, stages: str) -> int:

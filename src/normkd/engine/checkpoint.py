@@ -157,9 +157,10 @@ def load_model_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{path}: {err}") from None
     except (TypeError, ValueError) as err:  # kwargs the model's constructor refuses
         raise CheckpointError(f"{path}: its kwargs do not fit {meta['model']!r}: {err}") from None
-    from normkd.norm import restore_inner_ft
+    from normkd.losses import TERMS
 
-    restore_inner_ft(model, path)  # a NORM ``stages: layer3`` student keeps its inner FT
+    for term in TERMS.values():  # modules a term left in the deployed student's path
+        term.restore(model, path)
     load_weights(model, path)
     return model.eval(), meta
 

@@ -1,15 +1,16 @@
-"""From a trained student to what ships: FT merged, weights + metadata in safetensors, ONNX.
+"""From a trained student to what ships: the terms' deploy, weights + metadata in safetensors, ONNX.
 
 One path for the end of a run, ``normkd merge``, ``normkd export`` and ``normkd.distill``: the
-deployable model is the student's own architecture (NORM's FT folded into the classifier, checked
-against the FT student on real inputs), saved with the metadata ``load_model_file`` rebuilds it by.
+deployable model is what the recipe's terms make of the trained student (``TermConfig.deploy``;
+the student itself when no term wraps it), checked against it on real inputs, saved with the
+metadata ``load_model_file`` rebuilds it by.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,18 +21,16 @@ from normkd.engine.checkpoint import atomic_write
 from normkd.errors import UserError
 from normkd.extras import require
 from normkd.models.external import EXTERNAL, name_of
-from normkd.norm import FTStudent, max_logit_diff, merge_ft
+from normkd.models.taps import max_logit_diff
+
+if TYPE_CHECKING:
+    from normkd.engine.job import Job
 
 
-def deployable(student: nn.Module) -> nn.Module:
-    """The plain student: FT merged into the classifier when there is one, else the student."""
-    return merge_ft(student) if isinstance(student, FTStudent) else student
-
-
-def merge_checked(student: FTStudent, x: torch.Tensor) -> tuple[nn.Module, float]:
-    """(merged plain student, max |logit difference| to the FT student on ``x``)."""
-    merged = merge_ft(student)
-    return merged, max_logit_diff(student, merged, x)
+def deploy_checked(job: Job, x: torch.Tensor) -> tuple[nn.Module, float]:
+    """(the model to ship, max |logit difference| to the trained student on ``x``)."""
+    model = job.deployable()
+    return model, max_logit_diff(job.student, model, x)
 
 
 def model_meta(recipe: Recipe, plain: nn.Module, data: Data, merged: bool) -> dict[str, Any]:
@@ -53,7 +52,7 @@ def model_meta(recipe: Recipe, plain: nn.Module, data: Data, merged: bool) -> di
         meta |= {"mean": list(data.mean), "std": list(data.std)}
     if data.classes:
         meta["class_names"] = list(data.classes)
-    if merged:
+    if merged:  # a term's deploy made the model (the key's name: files already written use it)
         meta["merged_from_ft"] = True
     return meta
 

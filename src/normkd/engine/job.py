@@ -1,8 +1,8 @@
 """Recipe (+ optional models and data from Python) -> Job: the one way a run is put together.
 
 The CLI, ``normkd.distill``, the demo and every benchmark call :func:`assemble`. Order matters
-for reproducibility: the seed is set, then data, teacher, student, FT and the terms' own modules
-draw their initial weights, always in this order.
+for reproducibility: the seed is set, then data, teacher, student, the terms' modules on the
+student and the terms' own modules draw their initial weights, always in this order.
 """
 
 from __future__ import annotations
@@ -23,13 +23,9 @@ from normkd.engine.schedule import lr_at
 from normkd.errors import ConfigError, UserError
 from normkd.log import logger
 from normkd.losses.base import BuildContext
-from normkd.losses.norm import layer3_pair
 from normkd.models import create_model, probe
 from normkd.models.external import pretrained_report
 from normkd.models.weights import CheckpointError, fit_weights
-from normkd.norm import attach_ft, attach_inner_ft, ft_form, spatial_ratio
-
-MAX_FT_PARAMS = 2**30  # 4 GiB of FT weights in float32: far beyond any sensible N
 
 
 @dataclass
@@ -40,15 +36,28 @@ class Job:
     runtime: Runtime
     data: Data
     plain: nn.Module
-    distiller: Distiller  # student (+ FT for NORM), frozen teacher, weighted terms
+    distiller: Distiller  # student (as its terms wrap it), frozen teacher, weighted terms
     optimizer: torch.optim.Optimizer
     step_module: nn.Module  # what the step calls: the distiller, DDP- / compile-wrapped
     lr_scale: float = 1.0
 
     @property
     def student(self) -> nn.Module:
-        """The student as trained (with FT for NORM)."""
+        """The student as trained (wrapped by the terms that change it)."""
         return self.distiller.student
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether a term trains the student with its own modules in its path (then the model
+        to deploy is the terms' :meth:`deployable`, not the trained student itself)."""
+        return self.student is not self.plain
+
+    def deployable(self) -> nn.Module:
+        """The model to ship: each term's deploy of the trained student, last wrapper first."""
+        model = self.student
+        for term in reversed(self.recipe.loss):
+            model = term.deploy(model)
+        return model
 
     def lr(self, epoch: int, step: int, steps: int) -> float:
         """The schedule's lr for this step, times the linear scaling factor."""
@@ -82,7 +91,6 @@ def assemble(
     names = (_name(recipe.student, student), _name(recipe.teacher, teacher))
     s_shapes = _probe("student", names[0], student, data.in_shape)
     t_shapes = _probe("teacher", names[1], teacher, data.in_shape) if teacher else None
-    trained = _with_ft(recipe, student, t_shapes, s_shapes, names, data.in_shape)
     ctx = BuildContext(
         student=s_shapes,
         teacher=t_shapes,
@@ -91,7 +99,11 @@ def assemble(
         epochs=recipe.optim.epochs,
         student_name=names[0],
         teacher_name=names[1],
+        in_shape=data.in_shape,
     )
+    trained = student  # each term may put its own modules in the student's path (before builds)
+    for term in recipe.loss:
+        trained = term.wrap_student(trained, ctx)
     terms = {t.kind: t.build(ctx) for t in recipe.loss}
     weights = {t.kind: t.weight for t in recipe.loss}
     std = recipe.logit_standardization
@@ -109,8 +121,8 @@ def assemble(
 
 
 def build_optimizer(cfg: OptimCfg, module: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters of ``module`` (student, FT, term heads; never
-    the teacher).
+    """SGD or AdamW over the trainable parameters of ``module`` (student, the terms' modules on it
+    and their heads; never the teacher).
 
     With ``weight_decay_norm_bias`` off, 1-D parameters (normalisation layers' scales and shifts)
     and biases form a second group without weight decay, as timm's ``param_groups_weight_decay``:
@@ -242,60 +254,3 @@ def _probe(role: str, name: str, model: nn.Module, in_shape: tuple[int, ...]) ->
             f"{role} {name} cannot run on {'x'.join(map(str, in_shape))} inputs: {err} (a ViT "
             "is built for one image size: set it in the model's kwargs, e.g. img_size)"
         ) from None
-
-
-def _with_ft(
-    recipe: Recipe,
-    student: nn.Module,
-    t_shapes: Any,
-    s_shapes: Any,
-    names: tuple[str, str],
-    in_shape: tuple[int, ...],
-) -> nn.Module:
-    """The student as trained: with NORM's FT after its last map when the recipe uses NORM.
-
-    FT's form follows the student (:func:`normkd.norm.ft_form`): after a CNN's last map or a
-    ViT's last tokens, matched to the teacher's map (integer size ratio); or, where a norm layer
-    follows pooling (ConvNeXt), on the classifier's input, matched to the teacher's pooled map
-    (any size). ``stages: layer3`` also puts the authors' in-path inner FT after the student's
-    stage before the last, sized to the teacher's stage of the same depth; it changes ``student``
-    in place, so the deployed student (and its parameter count) includes it.
-    """
-    norm = recipe.norm
-    if norm is None:
-        return student
-    assert t_shapes is not None
-    param = next(student.parameters())
-    example = torch.zeros(2, *in_shape, device=param.device)
-    try:
-        form = ft_form(student, example)
-    except ValueError as err:
-        raise ConfigError(f"student {names[0]} cannot take NORM's FT: {err}") from None
-    (s_hw, t_hw) = s_shapes.feat[1:], t_shapes.feat[1:]
-    if form != "pooled" and spatial_ratio(s_hw, t_hw) is None:
-        raise ConfigError(
-            f"teacher {names[1]} last map is {t_hw[0]}x{t_hw[1]} and student {names[0]} last map "
-            f"is {s_hw[0]}x{s_hw[1]} for {in_shape[1]}x{in_shape[2]} inputs: NORM needs an "
-            "integer size ratio"
-        )
-    c_s = s_shapes.pooled[0] if form == "pooled" else s_shapes.feat[0]
-    c_t = t_shapes.feat[0]
-    ft_params = 2 * c_s * norm.n * c_t
-    if ft_params > MAX_FT_PARAMS:
-        raise ConfigError(
-            f"loss norm: n={norm.n} makes FT {ft_params:,} parameters ({ft_params * 4 / 2**30:,.0f} "
-            f"GiB in float32) for student channels {c_s} and teacher channels {c_t}; use n <= "
-            f"{MAX_FT_PARAMS // (2 * c_s * c_t):,} (the paper uses 4 to 8)"
-        )
-    # Refused before the student is touched: the pair layer3 matches must exist and fit.
-    inner = layer3_pair(s_shapes, t_shapes, names) if norm.stages == "layer3" else None
-    try:
-        s_ft = attach_ft(
-            student, c_t, norm.n, norm.bn, norm.residual, example, norm.init,
-            form="pooled" if form == "pooled" else "feat", factored=True,
-        )  # fmt: skip
-        if inner is not None:
-            attach_inner_ft(s_ft, inner.t_channels, example, norm.init)
-    except ValueError as err:
-        raise ConfigError(f"student {names[0]} cannot take NORM's FT: {err}") from None
-    return s_ft

@@ -24,7 +24,7 @@ from normkd.engine.job import Job, assemble
 from normkd.engine.rundir import Best, RunDir, RunLock, interrupt_note, load_state
 from normkd.engine.step import EpochMeter, evaluate, train_step
 from normkd.log import logger
-from normkd.norm import FTStudent
+from normkd.models.taps import StudentWrapper
 from normkd.signals import Terminated, sigterm_as_interrupt
 
 
@@ -57,7 +57,10 @@ class RunResult:
     merged_top1: float | None = None
     merge_max_logit_diff: float | None = None
     fake_data: bool = False
-    ft_form: str | None = None  # NORM: where FT sat (map / tokens / pooled), merged after training
+    # When a term trained the student wrapped: where its modules sat (map / tokens / pooled), the
+    # trained and the deployed model's top-1 and their largest logit difference (summary.json keys
+    # named as runs already recorded them).
+    ft_form: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)  # deployable, once complete
     model_meta: dict[str, Any] | None = field(default=None, repr=False)  # saved beside it
@@ -122,8 +125,8 @@ def fit(
     history = run.history
     test = {"top1": 0.0, "top5": 0.0, "loss": float("nan")}
     recal = _recalibration(job)
-    # The tap and FT hooks stay registered over the epochs (a compiled step traces them whole);
-    # the merged, deployed copy is made after they are gone.
+    # The tap hooks and the terms' own on the student stay registered over the epochs (a compiled
+    # step traces them whole); the deployed copy is made after they are gone.
     with job.distiller.hooks_kept():
         for epoch in range(start, last):
             stats = train_epoch(job, epoch)
@@ -132,7 +135,7 @@ def fit(
                 if recal:
                     _recalibrate(job, epoch)
                 # fp32 whatever engine.amp says: the top-1 reported is the model's as deployed, and
-                # the merged student's (scored in fp32 at the end) is then exactly the FT student's.
+                # the deployed student's (scored in fp32 at the end) is then the trained one's.
                 test = evaluate(
                     job.student, job.data.test, rt.device, ranks=rt if sharded else None
                 )
@@ -338,17 +341,17 @@ def _state(job: Job, epoch: int, best: Best) -> dict[str, Any]:
 
 
 def _finish(job: Job, run: RunDir, result: RunResult, sharded: bool) -> None:
-    """Merge FT (checked on a test batch), save model.safetensors and summary.json."""
+    """The terms' deploy (checked on a test batch), save model.safetensors and summary.json."""
     rt, model = job.runtime, job.student
-    if isinstance(model, FTStudent):
-        result.ft_form = model.form
+    if job.wrapped:
+        result.ft_form = model.form if isinstance(model, StudentWrapper) else None
         x = next(iter(job.data.test))[0].to(rt.device)
-        model, result.merge_max_logit_diff = deploy.merge_checked(model, x)
+        model, result.merge_max_logit_diff = deploy.deploy_checked(job, x)
         result.ft_top1 = result.final_top1
         ranks = rt if sharded else None
         result.merged_top1 = evaluate(model, job.data.test, rt.device, ranks=ranks)["top1"]
     result.model = model
-    meta = deploy.model_meta(job.recipe, job.plain, job.data, isinstance(job.student, FTStudent))
+    meta = deploy.model_meta(job.recipe, job.plain, job.data, job.wrapped)
     result.model_meta = meta
     summary = {f.name: getattr(result, f.name) for f in fields(result)}
     del summary["history"], summary["model"], summary["model_meta"]
@@ -363,11 +366,11 @@ def _dry_run(job: Job) -> RunResult:
     logits, losses = job.distiller(x, y, idx, 0)
     if job.runtime.is_main:
         note = " (FAKE data, as --fake-data asked)" if job.data.fake else ""
-        ft = f"; FT on its {job.student.form}" if isinstance(job.student, FTStudent) else ""
+        wrap = f"; {job.student.describe()}" if isinstance(job.student, StudentWrapper) else ""
         n_params = _params(job)
         logger.info(
             f"dry run ok{note}: {job.recipe.name}: student {job.recipe.student.model} "
-            f"({n_params:,} params{ft}), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
+            f"({n_params:,} params{wrap}), batch {tuple(x.shape)} -> logits {tuple(logits.shape)}, "
             f"losses {', '.join(f'{k}={float(v.detach()):.4f}' for k, v in losses.items())}"
         )
     run_dir = str(job.recipe.run_dir())

@@ -46,7 +46,6 @@ def at_pair_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0) -> torch.
 class ATLoss(LossTerm):
     """Sum over stage pairs (stem excluded) of the attention-map MSE."""
 
-    kind = "at"
     student_taps = frozenset({"stages"})
     teacher_taps = frozenset({"stages"})
 

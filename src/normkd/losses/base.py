@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import NonNegativeFloat
 from torch import nn
 
-from normkd.models.taps import TAP_KINDS, Taps, TapShapes
+from normkd.models.taps import TAP_KINDS, StudentWrapper, Taps, TapShapes
 from normkd.schema import Strict
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "BuildContext",
     "LossTerm",
     "StepState",
+    "StudentWrapper",
     "TapShapes",
     "Taps",
     "TermConfig",
@@ -45,14 +47,11 @@ class StepState:
     epoch: int
     student: Taps
     teacher: Taps | None
-    # NORM: FT's expanded map of this step (ExpandedMaps(inner, last) with stages: layer3)
-    expanded: Any = None
 
 
 class LossTerm(nn.Module):
     """A named loss term; ``student_taps``/``teacher_taps`` declare what the distiller collects."""
 
-    kind: ClassVar[str] = ""
     student_taps: ClassVar[frozenset[str]] = frozenset({"logits"})
     teacher_taps: ClassVar[frozenset[str]] = frozenset()
 
@@ -75,6 +74,7 @@ class BuildContext:
     epochs: int = 1
     student_name: str = "student"
     teacher_name: str = "teacher"
+    in_shape: tuple[int, ...] = ()  # one input's shape (C, H, W)
 
     def pair(self, kind: str) -> tuple[TapShapes, TapShapes]:
         """Student and teacher shapes for a term that sizes its modules from both."""
@@ -84,7 +84,8 @@ class BuildContext:
 
 
 class TermConfig(Strict):
-    """A term's entry in a recipe's ``loss:`` list. Subclasses add ``kind: Literal[...]``."""
+    """A term's entry in a recipe's ``loss:`` list. Subclasses add ``kind: Literal[...]``: the
+    term's kind lives there only (its default), as do its settings' defaults."""
 
     weight: NonNegativeFloat = 1.0
     term: ClassVar[type[LossTerm]] = LossTerm
@@ -101,6 +102,27 @@ class TermConfig(Strict):
 
     def build(self, ctx: BuildContext) -> LossTerm:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def wrap_student(self, student: nn.Module, ctx: BuildContext) -> nn.Module:
+        """The student as this term trains it (a :class:`StudentWrapper` with the term's modules in
+        its path, NORM's FT); called for every term before any builds and before the optimizer is
+        made, so those modules train with the student. Default: the student unchanged."""
+        return student
+
+    @classmethod
+    def changes_student(cls) -> bool:
+        """Whether the term wraps the student (so a trained run has something to deploy from)."""
+        return cls.wrap_student is not TermConfig.wrap_student
+
+    def deploy(self, trained: nn.Module) -> nn.Module:
+        """The module to ship from the trained student (NORM: FT merged into the classifier);
+        a new module, ``trained`` left as it is. Default: ``trained`` itself."""
+        return trained
+
+    @classmethod
+    def restore(cls, model: nn.Module, path: Path) -> None:
+        """Give ``model`` (rebuilt by name from a saved model file at ``path``) the modules this
+        term left in the deployed student (NORM ``stages: layer3``: its inner FT). Default: none."""
 
 
 TERMS: dict[str, type[TermConfig]] = {}

@@ -14,8 +14,6 @@ from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, re
 class CELoss(LossTerm):
     """Plain (optionally label-smoothed) cross-entropy on the student's logits."""
 
-    kind = "ce"
-
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing

@@ -117,7 +117,6 @@ class CRDLoss(LossTerm):
     has at least ``nce_k`` allowed rows.
     """
 
-    kind = "crd"
     student_taps = frozenset({"pooled"})
     teacher_taps = frozenset({"pooled"})
 

@@ -61,7 +61,6 @@ def dkd_parts(
 class DKDLoss(LossTerm):
     """``alpha * TCKD + beta * NCKD`` with mdistiller's linear warm-up."""
 
-    kind = "dkd"
     teacher_taps = frozenset({"logits"})
 
     def __init__(

@@ -45,7 +45,6 @@ def hint_regressor(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> nn.Seq
 class FitNetLoss(LossTerm):
     """MSE between ``regressor(student stage)`` and the (frozen) teacher stage."""
 
-    kind = "fitnet"
     student_taps = frozenset({"stages"})
     teacher_taps = frozenset({"stages"})
 

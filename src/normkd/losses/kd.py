@@ -22,7 +22,6 @@ def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) 
 class KDLoss(LossTerm):
     """Soft-target KL between temperature-softened student and teacher distributions."""
 
-    kind = "kd"
     teacher_taps = frozenset({"logits"})
 
     def __init__(self, temperature: float = 4.0) -> None:

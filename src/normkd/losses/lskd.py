@@ -37,8 +37,6 @@ def lskd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float
 class LSKDLoss(KDLoss):
     """KD on logits standardised per sample, each model with its own mean and deviation."""
 
-    kind = "lskd"
-
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__(temperature)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
@@ -42,12 +43,20 @@ from normkd.losses.base import (
 )
 from normkd.norm import (
     ExpandedMaps,
+    FTStudent,
     PooledExpanded,
+    attach_ft,
+    attach_inner_ft,
+    ft_form,
     inner_stage_count,
+    merge_ft,
     norm_loss,
     pooled_norm_loss,
+    restore_inner_ft,
     spatial_ratio,
 )
+
+MAX_FT_PARAMS = 2**30  # 4 GiB of FT weights in float32: far beyond any sensible N
 
 # w(epoch) of the authors' training scripts: (end epoch exclusive, weight) pieces.
 RAMPS: dict[str, tuple[tuple[int, float], ...]] = {
@@ -124,7 +133,7 @@ class NORMLoss(LossTerm):
     :class:`~normkd.norm.ExpandedMaps`). Neither: the paper's last-stage NORM.
     """
 
-    kind = "norm"
+    student_taps = frozenset({"logits", "wrapper"})  # wrapper: FT's expanded map (FTStudent)
     teacher_taps = frozenset({"feat"})
 
     def __init__(
@@ -147,7 +156,7 @@ class NORMLoss(LossTerm):
         self.heads = nn.ModuleList(_expand_head(p.s_channels, n * p.t_channels) for p in self.pairs)
         self.layer3 = layer3
         if self.heads:
-            self.student_taps = frozenset({"logits", "stages"})
+            self.student_taps = frozenset({"logits", "stages", "wrapper"})
         if self.heads or layer3 is not None:
             self.teacher_taps = frozenset({"feat", "stages"})
 
@@ -156,7 +165,7 @@ class NORMLoss(LossTerm):
 
     def _last_and_inner(self, state: StepState) -> torch.Tensor:
         """The last FT's loss, plus the in-path inner FT's for ``stages: layer3``."""
-        t, expanded = state.teacher, state.expanded
+        t, expanded = state.teacher, state.student.wrapper
         if expanded is None or t is None or t.feat is None:
             raise RuntimeError("NORM term needs the student's FT (attach_ft) and the teacher map")
         if self.layer3 is None:
@@ -229,3 +238,64 @@ class NormTerm(TermConfig):
         elif self.stages == "layer3":
             layer3 = layer3_pair(*ctx.pair(self.kind), names).teacher
         return NORMLoss(self.n, self.reduce, self.ramp, ctx.epochs, side_heads=pairs, layer3=layer3)
+
+    def wrap_student(self, student: nn.Module, ctx: BuildContext) -> nn.Module:
+        """The student with FT after its last map (:func:`normkd.norm.attach_ft`), factored.
+
+        FT's form follows the student (:func:`normkd.norm.ft_form`): after a CNN's last map or a
+        ViT's last tokens, matched to the teacher's map (integer size ratio); or, where a norm
+        layer follows pooling (ConvNeXt), on the classifier's input, matched to the teacher's
+        pooled map (any size). ``stages: layer3`` also puts the authors' in-path inner FT after the
+        student's stage before the last, sized to the teacher's stage of the same depth; it
+        changes ``student`` in place, so the deployed student (and its parameter count) keeps it.
+        """
+        s_shapes, t_shapes = ctx.pair(self.kind)
+        names, in_shape = (ctx.student_name, ctx.teacher_name), ctx.in_shape
+        param = next(student.parameters())
+        example = torch.zeros(2, *in_shape, device=param.device)
+        try:
+            form = ft_form(student, example)
+        except ValueError as err:
+            raise ConfigError(f"student {names[0]} cannot take NORM's FT: {err}") from None
+        (s_hw, t_hw) = s_shapes.feat[1:], t_shapes.feat[1:]
+        if form != "pooled" and spatial_ratio(s_hw, t_hw) is None:
+            raise ConfigError(
+                f"teacher {names[1]} last map is {t_hw[0]}x{t_hw[1]} and student {names[0]} last "
+                f"map is {s_hw[0]}x{s_hw[1]} for {in_shape[1]}x{in_shape[2]} inputs: NORM needs an "
+                "integer size ratio"
+            )
+        c_s = s_shapes.pooled[0] if form == "pooled" else s_shapes.feat[0]
+        c_t = t_shapes.feat[0]
+        self._check_size(c_s, c_t)
+        # Refused before the student is touched: the pair layer3 matches must exist and fit.
+        inner = layer3_pair(s_shapes, t_shapes, names) if self.stages == "layer3" else None
+        try:
+            s_ft = attach_ft(
+                student, c_t, self.n, self.bn, self.residual, example, self.init,
+                form="pooled" if form == "pooled" else "feat", factored=True,
+            )  # fmt: skip
+            if inner is not None:
+                attach_inner_ft(s_ft, inner.t_channels, example, self.init)
+        except ValueError as err:
+            raise ConfigError(f"student {names[0]} cannot take NORM's FT: {err}") from None
+        return s_ft
+
+    def _check_size(self, c_s: int, c_t: int) -> None:
+        """Refuse an FT too large to be meant (n typed wrong) before it is allocated."""
+        ft_params = 2 * c_s * self.n * c_t
+        if ft_params > MAX_FT_PARAMS:
+            raise ConfigError(
+                f"loss norm: n={self.n} makes FT {ft_params:,} parameters "
+                f"({ft_params * 4 / 2**30:,.0f} GiB in float32) for student channels {c_s} and "
+                f"teacher channels {c_t}; use n <= {MAX_FT_PARAMS // (2 * c_s * c_t):,} (the "
+                "paper uses 4 to 8)"
+            )
+
+    def deploy(self, trained: nn.Module) -> nn.Module:
+        """FT folded into the classifier (:func:`normkd.norm.merge_ft`)."""
+        return merge_ft(trained) if isinstance(trained, FTStudent) else trained
+
+    @classmethod
+    def restore(cls, model: nn.Module, path: Path) -> None:
+        """A ``stages: layer3`` student keeps its inner FT: rebuilt from the file's own buffers."""
+        restore_inner_ft(model, path)

@@ -20,6 +20,7 @@ from torch import nn
 
 from normkd.errors import UserError
 from normkd.extras import require
+from normkd.models.registry import UnknownModelError
 from normkd.models.weights import CheckpointError
 
 PREFIX = "timm:"
@@ -38,8 +39,6 @@ def _timm() -> Any:
 
 def check_timm_name(name: str) -> str:
     """``name`` (without the ``timm:`` prefix) if timm knows it, else an error with close matches."""
-    from normkd.models.registry import UnknownModelError
-
     timm = _timm()
     names = timm.list_models()
     base = name.split(".", 1)[0]  # a pretrained tag (resnet10t.c3_in1k) names the same model
@@ -160,8 +159,6 @@ def _tv_names() -> list[str]:
 
 def check_torchvision_name(name: str) -> str:
     """``name`` (without ``torchvision:``) if torchvision has that classifier, else close matches."""
-    from normkd.models.registry import UnknownModelError
-
     names = _tv_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=6, cutoff=0.6)

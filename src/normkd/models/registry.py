@@ -1,9 +1,13 @@
-"""One registry of model constructors (timm-style): names -> builders with the same keywords."""
+"""One registry of model constructors (timm-style): names -> builders with the same keywords.
+
+It imports no zoo module: the zoo modules import it (``@register_model``) and the package
+(``normkd/models/__init__.py``) imports every zoo module but the lazy ones below.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
 
@@ -38,35 +42,16 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 def list_models() -> list[str]:
     """All registered model names, sorted (lazily loaded zoos named, not imported)."""
-    _load_zoo()
     return sorted(set(_REGISTRY).union(*LAZY_ZOO.values()))
 
 
-def create_model(
-    name: str, num_classes: int = 100, weights: str | Path | None = None, **kwargs: object
-) -> nn.Module:
-    """Build a zoo model, ``timm:<name>`` or ``torchvision:<name>`` (random init); ``weights`` is a
-    local checkpoint loaded safely (never downloaded)."""
-    _load_zoo()
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    from normkd.models import external as ext
-
-    if name.startswith(ext.PREFIX):
-        model = ext.create_timm(name[len(ext.PREFIX) :], num_classes=num_classes, **kwargs)
-    elif name.startswith(ext.TV_PREFIX):
-        model = ext.create_torchvision(name[len(ext.TV_PREFIX) :], num_classes, **kwargs)
-    elif name == ext.EXTERNAL:
-        raise UnknownModelError(ext.EXTERNAL_HELP)
-    elif name not in _REGISTRY and not _load_lazy(name):
-        raise UnknownModelError(unknown_model_message(name))
-    else:
-        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
-    if weights is not None:
-        from normkd.models.weights import load_weights
-
-        load_weights(model, weights)
-    return model
+def model_entrypoint(name: str) -> Callable[..., nn.Module] | None:
+    """The builder registered as ``name`` (its lazy zoo module imported first), or None."""
+    if name not in _REGISTRY:
+        for module, names in LAZY_ZOO.items():
+            if name in names:
+                importlib.import_module(module)  # by name: the registry depends on no zoo module
+    return _REGISTRY.get(name)
 
 
 def unknown_model_message(name: str) -> str:
@@ -75,19 +60,3 @@ def unknown_model_message(name: str) -> str:
         f"unknown model {name!r}; valid names: {', '.join(list_models())}, or "
         "torchvision:<any torchvision classifier>, or timm:<any timm model> (with normkd[timm])"
     )
-
-
-def _load_zoo() -> None:
-    # Importing the zoo modules runs their @register_model decorators.
-    from normkd.models import cifar, tiny, vit  # noqa: F401
-
-
-def _load_lazy(name: str) -> bool:
-    """Import the lazily loaded zoo module that provides ``name``; whether it registered it."""
-    for module, names in LAZY_ZOO.items():
-        if name in names:
-            import importlib
-
-            importlib.import_module(module)
-            return name in _REGISTRY
-    return False

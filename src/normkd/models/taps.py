@@ -466,6 +466,38 @@ class Taps:
     feat: torch.Tensor | None = None
     stages: list[torch.Tensor] = field(default_factory=list)
     pooled: torch.Tensor | None = None
+    # What a term's own modules on the student handed on in this forward (see StudentWrapper):
+    # collected for the terms that declare the ``wrapper`` tap.
+    wrapper: Any = None
+
+
+class StudentWrapper(nn.Module):
+    """A student as one loss term trains it, with the term's own modules in its path (NORM: FT).
+
+    ``student`` is the plain model inside: the taps are read on it, and the term's deploy starts
+    from it. After each forward :meth:`handed` is what the wrapper hands its term, through the
+    ``wrapper`` tap. The engine knows only this interface, so a new term that changes the student
+    (a projector kept at deploy) needs no engine edit.
+    """
+
+    student: nn.Module
+
+    @property
+    def form(self) -> str | None:
+        """Where the term's modules sit (recorded in a run's summary), if it says."""
+        return None
+
+    def handed(self) -> Any:
+        """The state of the last forward the term reads (its ``wrapper`` tap)."""
+        return None
+
+    def describe(self) -> str:
+        """One line for a dry run: what the term put on the student."""
+        return type(self).__name__
+
+    def hooks_kept(self) -> contextlib.AbstractContextManager[None]:
+        """Keep the wrapper's own hooks registered for a block (see ``Distiller.hooks_kept``)."""
+        return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -568,6 +600,13 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
+
+
+@torch.no_grad()
+def max_logit_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute logit difference between two models on ``x`` (both in eval mode)."""
+    with eval_mode(a, b):
+        return float((a(x).float() - b(x).float()).abs().max())
 
 
 def example_input(model: nn.Module, in_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
