@@ -496,7 +496,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 MAX_ERRORS = 5  # problems one message lists
-MAX_MESSAGE = 300  # characters of each
+MAX_MESSAGE = 600  # characters of each
 
 
 _KINDS = tuple(sorted(TERMS))

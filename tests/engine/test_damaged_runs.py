@@ -175,7 +175,10 @@ def _damage(run: Path, name: str, how: str, runs: dict[str, Path], seed: int) ->
 
 
 @settings(
-    max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=14,
+    deadline=None,
+    derandomize=True,  # the same examples in CI every time: a failure here is a real one
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     kind=st.sampled_from(["fin", "half", "norm"]),
@@ -215,5 +218,8 @@ def test_a_damaged_run_folder_gets_the_right_result_or_one_line(
         # A resume that went on ends as the undamaged run did (bit-identical on CPU).
         want = json.loads((runs["norm" if kind == "norm" else "fin"] / "summary.json").read_text())
         got = json.loads((run / "summary.json").read_text())
-        assert got["final_top1"] == want["final_top1"] and got["epochs"] == 2
+        # (a finished run without summary.json re-reads its final top-1 from metrics.csv, which
+        # keeps 6 significant digits)
+        assert got["final_top1"] == pytest.approx(want["final_top1"], abs=1e-4)
+        assert got["epochs"] == 2
         assert f"final top-1 {want['final_top1']:.2f}%" in stdout

@@ -56,7 +56,7 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module] | None:
 
 def unknown_model_message(name: str) -> str:
     """The error for a name that is neither in the zoo nor ``timm:...``: lists what is valid."""
-    return (
-        f"unknown model {name!r}; valid names: {', '.join(list_models())}, or "
-        "torchvision:<any torchvision classifier>, or timm:<any timm model> (with normkd[timm])"
+    return (  # the prefixes first: a clipped message (config.MAX_MESSAGE) still names them
+        f"unknown model {name!r}; valid names: torchvision:<any torchvision classifier>, "
+        f"timm:<any timm model> (with normkd[timm]), or a zoo name: {', '.join(list_models())}"
     )
