@@ -59,14 +59,17 @@ def test_the_demo_prints_the_plot_it_drew_and_refuses_to_replace_another_run(tmp
 
 def test_the_chance_warning_needs_the_training_batches_at_chance_too(caplog):
     """Early on a healthy run's evaluation can sit near chance while its BatchNorm statistics lag
-    (the demo's students: 10-14% at epoch 3, 45-68% on their training batches): no warning. A
-    stuck run is at chance on both: one warning."""
+    (the demo's students: 10-14% at epoch 3, 45-68% on their training batches): no warning; nor
+    after a handful of steps (the demo's ViT is at 13-15% on both after 15). A stuck run is at
+    chance on both after 100 steps: one warning."""
     from normkd.engine.loop import _check_chance
     from support import build_job
 
     job = build_job(load_recipe(DEMO / "vanilla.yaml", ["engine.device=cpu"]))
-    _check_chance(job, 3, 14.4, 55.0)
+    _check_chance(job, 20, 14.4, 55.0)  # 20 epochs of 5 steps: the check's 100 steps
     assert not caplog.records
-    _check_chance(job, 3, 11.0, 12.0)
+    _check_chance(job, 3, 11.0, 12.0)  # 15 steps: too early to call any run stuck
+    assert not caplog.records
+    _check_chance(job, 20, 11.0, 12.0)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "within 1.5x chance" in caplog.records[0].getMessage()
