@@ -57,6 +57,19 @@ def test_sizes_beyond_any_run_are_refused_when_read(capsys):
         assert over.split("=")[0] in line and "less than or equal to" in line
 
 
+def test_model_kwargs_or_term_sizes_beyond_memory_are_one_line(capsys):
+    """A width the machine cannot allocate is the recipe's mistake, not a torch traceback; CRD's
+    banks (dataset x feat_dim, twice) are bounded where the recipe is read."""
+    tiny = [*TINY[2:], "student.model=tinycnn", "student.kwargs={width: 4000000000}"]
+    line = _line(["train", TEACHER, "--dry-run", *sets(*tiny)], capsys)
+    assert "student.kwargs" in line and "larger than this machine's memory" in line
+    crd = DEMO / "crd.yaml"
+    line = _line(
+        ["distill", str(crd), "--dry-run", *sets(*TINY, "loss.1.feat_dim=1000000")], capsys
+    )
+    assert "loss.1.feat_dim" in line
+
+
 def _laughs(levels: int, tail: str) -> bytes:
     lines = ["name: x", "task: train", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]

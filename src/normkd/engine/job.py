@@ -181,6 +181,13 @@ def _create(
         raise ConfigError(
             f"{role}.kwargs {cfg.kwargs} do not fit model {cfg.model!r}: {err}"
         ) from None
+    except (MemoryError, RuntimeError) as err:  # kwargs sizing it beyond this machine's memory
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise ConfigError(
+            f"{role}.kwargs {str(cfg.kwargs)[:200]} make model {cfg.model!r} larger than this "
+            f"machine's memory ({' '.join(str(err).split())[:160]})"
+        ) from None
     if source:
         tensors, theirs = pretrained_report(model, num_classes)
         _one_classifier(role, key, theirs, num_classes, f"timm loaded {tensors:,} tensors")

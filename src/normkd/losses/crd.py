@@ -233,7 +233,7 @@ class CRDTerm(TermConfig):
 
     kind: Literal["crd"] = "crd"
     weight: NonNegativeFloat = 0.8  # RepDistiller CIFAR-100: -b 0.8 with CE weight 1
-    feat_dim: PositiveInt = 128
+    feat_dim: Annotated[int, Field(ge=1, le=65536)] = 128  # banks: dataset x feat_dim x 2
     nce_k: PositiveInt = 16384  # capped at the training-set size - 1
     nce_t: PositiveFloat = 0.07
     nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
