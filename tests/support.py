@@ -86,3 +86,17 @@ def build_job(recipe, untrained_teacher: bool = False, data=None):
 
     runtime = Runtime(torch.device("cpu"))
     return assemble(recipe, runtime, data=data, dry_run=untrained_teacher)
+
+
+def one_error_line(main, argv: list[str], capsys, max_len: int | None = None) -> str:
+    """Run the CLI in process; assert exit 2 and exactly one ``normkd: error:`` line on stderr
+    (no traceback, at most ``max_len`` characters); return that line."""
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("normkd: error: ")
+    assert max_len is None or len(lines[0]) <= max_len
+    return lines[0]

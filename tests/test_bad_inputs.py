@@ -8,7 +8,7 @@ import pytest
 from normkd.cli import main
 from normkd.engine.checkpoint import save_model
 from normkd.models import create_model
-from support import DEMO, sets
+from support import DEMO, one_error_line, sets
 
 TEACHER = str(DEMO / "teacher.yaml")
 NORM = str(DEMO / "norm.yaml")
@@ -16,14 +16,7 @@ DRY = ["--dry-run", "--set", "engine.device=cpu", "--set", "teacher.weights=null
 
 
 def _line(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("normkd: error: ")
-    return lines[0]
+    return one_error_line(main, argv, capsys)
 
 
 def _recipe(tmp_path: Path, text: bytes) -> str:

@@ -22,7 +22,7 @@ from normkd.data.folder import folder_datasets
 from normkd.engine.checkpoint import save_model
 from normkd.errors import UserError
 from normkd.models import create_model
-from support import DEMO, sets, write_image_folder
+from support import DEMO, one_error_line, sets, write_image_folder
 
 TEACHER = str(DEMO / "teacher.yaml")
 TINY = [
@@ -34,14 +34,7 @@ TINY = [
 
 
 def _line(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("normkd: error: ") and len(lines[0]) <= 2020
-    return lines[0]
+    return one_error_line(main, argv, capsys, max_len=2020)
 
 
 @pytest.mark.parametrize("key", ["engine.seed", "data.split_seed"])

@@ -306,16 +306,8 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=_cmd_reproduce)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="normkd",
-        description="Knowledge distillation with NORM (N-to-One Representation Matching) "
-        "and strong baselines.",
-        epilog=EPILOG,
-    )
-    parser.add_argument("--version", action="version", version=f"normkd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """``normkd demo``'s arguments."""
     demo = sub.add_parser(
         "demo",
         help="train a teacher and distil students on the embedded digits set; print a table",
@@ -345,6 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
         "replaces only its own runs of the same settings)",
     )
     demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="normkd",
+        description="Knowledge distillation with NORM (N-to-One Representation Matching) "
+        "and strong baselines.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"normkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_demo(sub)
 
     train = sub.add_parser("train", help="train a teacher or a plain student from a recipe")
     _add_run_args(train)

@@ -50,7 +50,6 @@ def dist_parts(
 class DISTLoss(LossTerm):
     """``beta * inter + gamma * intra`` relation loss on temperature-softened predictions."""
 
-    kind = "dist"
     teacher_taps = frozenset({"logits"})
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> None:

@@ -149,7 +149,6 @@ def cosine_decay(epoch: int, start: int, epochs: int) -> float:
 class WKDLogitLoss(LossTerm):
     """Target-class likelihood + ``gamma`` x Sinkhorn distance over the non-target classes."""
 
-    kind = "wkd_l"
     teacher_taps = frozenset({"logits"})
 
     def __init__(
@@ -266,7 +265,6 @@ def bottleneck_projector(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> 
 class WKDFeatureLoss(LossTerm):
     """``ratio * |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2`` on the projected last stage."""
 
-    kind = "wkd_f"
     student_taps = frozenset({"stages"})
     teacher_taps = frozenset({"stages"})
 
