@@ -42,3 +42,18 @@ def test_a_write_past_the_file_size_limit_keeps_the_previous_checkpoint(tmp_path
     assert lines[-1] == "kept"
     assert lines[0].startswith(f"refused: cannot write {tmp_path / 'last.pt'}: ")
     assert len(lines[0]) < 300
+
+
+def test_every_atomic_writer_leaves_an_ordinary_readable_file(tmp_path):
+    """mkstemp's 0600 must not leak into saved runs (model.safetensors was 0600 while the rest were 0644)."""
+    import stat
+
+    import torch.nn as nn
+
+    from normkd.engine.checkpoint import atomic_write_text, save_checkpoint, save_model
+
+    save_model(tmp_path / "model.safetensors", nn.Linear(2, 2), {"model": "x"})
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    atomic_write_text(tmp_path / "summary.json", "{}")
+    for name in ("model.safetensors", "last.pt", "summary.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name

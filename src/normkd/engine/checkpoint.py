@@ -34,8 +34,10 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; saved runs are ordinary files others may read
         write(tmp)
+        # mkstemp makes 0600 and some writers (safetensors) recreate the file: set the mode after
+        # the write, since saved runs are ordinary files others may read
+        os.chmod(tmp, 0o644)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
