@@ -113,3 +113,18 @@ def test_epochs_are_counted_from_1_wherever_a_user_reads_them(tmp_path, capsys):
     assert said == summary["best_epoch"] == int(best_row["epoch"]) >= 1
     assert load_checkpoint(run / "best.pt")["epoch"] == said
     assert load_checkpoint(run / "best.pt")["best_epoch"] == said
+
+
+def test_a_run_that_fails_while_it_is_built_leaves_no_folder_behind(tmp_path, capsys):
+    """A start that fails before writing anything (here: the teacher's weights are missing)
+    removes the run folder its lock made; a folder that was there before is kept."""
+    argv = ["distill", str(DEMO / "kd.yaml"), "--out-dir", str(tmp_path), "--quiet", *sets(*TINY)]
+    missing = "teacher.weights=" + str(tmp_path / "absent.safetensors")
+    assert main([*argv, "--set", missing]) == 2
+    assert "absent.safetensors" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "demo_kd"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main([*argv, "--set", missing]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == [".lock", "notes.txt"]

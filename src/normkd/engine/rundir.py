@@ -9,6 +9,7 @@ the main process (rank 0) writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -63,17 +64,21 @@ class RunLock:
 
     ``fcntl.flock`` on ``RUN_DIR/.lock``: the kernel drops it when the holder exits, however it
     dies (kill -9 included), so a stale lock never blocks anyone. The file names the holder
-    (pid, host, start time) for the one-line refusal a second writer gets.
+    (pid, host, start time) for the one-line refusal a second writer gets. A folder the lock
+    made and nothing else wrote (the job failed while it was built) goes again on release, so a
+    failed start leaves no run folder holding only ``.lock``.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK
         self.fd: int | None = None
+        self.made_folder = False
 
     def acquire(self) -> None:
         import fcntl
 
         try:
+            self.made_folder = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
@@ -95,9 +100,15 @@ class RunLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = None
+        if self.fd is None:
+            return
+        folder = self.path.parent
+        if self.made_folder and [p.name for p in folder.iterdir()] == [LOCK]:
+            self.path.unlink(missing_ok=True)  # still held: no other writer is inside
+            with contextlib.suppress(OSError):  # another process began meanwhile: keep it
+                folder.rmdir()
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = None
 
 
 @dataclass
