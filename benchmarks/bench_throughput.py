@@ -139,10 +139,13 @@ def build(
     from normkd.data.build import Data
     from normkd.engine import Runtime, assemble
 
-    recipe = load_recipe(recipe_path, ["teacher.weights=null", *overrides])
+    recipe = load_recipe(recipe_path, list(overrides))
+    if recipe.teacher is not None:  # a random teacher: timing needs no trained weights
+        recipe = load_recipe(recipe_path, ["teacher.weights=null", *overrides])
     e = recipe.engine
     in_shape = (pair.x_hwc.shape[3], pair.x_hwc.shape[1], pair.x_hwc.shape[2])
-    data = Data(None, None, pair.num_classes, in_shape, train_size=len(pair.y))
+    labels = torch.as_tensor(pair.y)  # CRD draws its negatives from other classes
+    data = Data(None, None, pair.num_classes, in_shape, train_size=len(pair.y), train_labels=labels)
     runtime = Runtime(device, amp=e.amp, channels_last=e.channels_last)
     job = assemble(recipe, runtime, data=data, dry_run=True)
     job.distiller.train()

@@ -30,6 +30,7 @@ BENCHES = {
     "scale": "NORM+KD step time vs batch size and vs N",
     "peer": "images/s of a KD training loop: torchdistill's own vs normkd's, same pair and data",
     "precision": "top-1 under engine.amp auto vs off on digits, 4 methods x 5 seeds, paired",
+    "methods": "per-step time, FLOPs and extra parameters of every recipe of a pair, vs KD",
 }
 # Benchmarks that need another interpreter than this one (a peer installed apart from normkd).
 BENCH_VENV = REPO / ".venv-bench"

@@ -46,6 +46,10 @@ HEADERS = {
         "| method | off (fp32) top-1 % | auto top-1 % | auto - off, paired |",
         "| target | measured | verdict |",
     ],
+    "methods": [
+        "| method | loss terms | ms / step | spread | time / KD | GFLOPs / step |",
+        "| figure | measured | target | verdict |",
+    ],
 }
 
 
@@ -115,7 +119,21 @@ def _check_peer(md: str, stdout: str) -> None:
         assert targets[0]["verdict"] in ("met", "**not met**"), targets[0]
 
 
-FIGURE_CHECKS = {"deploy": _check_deploy_merges, "peer": _check_peer}
+def _check_methods(md: str, stdout: str) -> None:
+    """Every shipped recipe of the smoke pair is a row, measured against the KD row: vanilla runs
+    no teacher (fewer FLOPs), NORM trains FT beside the student, a logit term adds nothing."""
+    rows = {r["method"]: r for r in _table(md, "| method | loss terms |")}
+    pair = Path(__file__).resolve().parents[1] / "configs" / "cifar100" / "resnet20__resnet8"
+    assert set(rows) == {p.stem for p in pair.glob("[!_]*.yaml")}, sorted(rows)
+    assert rows["kd"]["time / KD"] == rows["kd"]["FLOPs / KD"] == "1.00x"
+    assert float(rows["vanilla"]["FLOPs / KD"][:-1]) < 0.8, rows["vanilla"]
+    assert float(rows["norm_kd"]["extra trainable params"][:-1]) > 0, rows["norm_kd"]
+    assert rows["dist"]["extra trainable params"] == "+0.000M", rows["dist"]
+    for row in rows.values():
+        assert float(row["ms / step"]) > 0, row
+
+
+FIGURE_CHECKS = {"deploy": _check_deploy_merges, "peer": _check_peer, "methods": _check_methods}
 
 
 # The accuracy smoke run trains the methods its targets compare (the sweep is the same code for
