@@ -1,14 +1,11 @@
 """ReviewKD against the paper's pieces: HCL by hand, ABF's attention fusion, the deep-to-shallow
 review, and the whole term against a functional reference in float64."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from normkd.cli import main
-from normkd.config import load_recipe
 from normkd.errors import ConfigError
 from normkd.losses import StepState, Taps
 from normkd.losses.reviewkd import ABF, ReviewKDLoss, ReviewKDTerm, hcl_loss
@@ -227,22 +224,7 @@ def test_reviewkd_trains_on_digits_through_the_cli_and_deploys_the_plain_student
     "recipe",
     ["cifar100/resnet20__resnet8/reviewkd.yaml", "imagenet/resnet34__resnet18/reviewkd.yaml"],
 )
-def test_reviewkd_recipes_build_in_a_dry_run(recipe, tmp_path, capsys):
+def test_reviewkd_recipes_build_in_a_dry_run(recipe, tmp_path, recipe_dry_run):
     # (cifar100/resnet32x4__resnet8x4's recipes all dry-run in tests/test_recipes.py)
-    path = CONFIGS / recipe
-    r = load_recipe(path)
-    batch = 2
-    over = [
-        f"data.batch_size={batch}", f"data.eval_batch_size={batch}", "engine.device=cpu",
-        f"engine.out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'none'}",
-        "teacher.weights=null",
-    ]  # fmt: skip
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([r.task, str(path), "--dry-run", "--fake-data", *sets(*over)]) == 0
-    finally:
-        torch.set_num_threads(before)
-    printed = capsys.readouterr().out
+    printed = recipe_dry_run(CONFIGS / recipe, tmp_path)
     assert "reviewkd=" in printed and "dry run ok" in printed
-    assert not Path(tmp_path / "runs").exists()
