@@ -220,6 +220,7 @@ STEP_METHODS = {
     "dist": [{"kind": "dist", "weight": 2.0, "tau": 4.0}],
     "wkd_l": [{"kind": "wkd_l", "gamma": 600.0, "temperature": 8.0}],
     "wkd_f": [{"kind": "wkd_f", "weight": 0.08, "ratio": 4.0, "grid": 1, "projector": "conv1x1"}],
+    "reviewkd": [{"kind": "reviewkd", "weight": 5.0}],
 }
 
 

@@ -13,8 +13,8 @@ teacher's map of its level by the hierarchical context loss (HCL): the MSE of th
 for each ``l`` of 4, 2, 1 smaller than the map's height, the MSE of both maps adaptive-average-
 pooled to ``l x l``, weighted 1, 1/2, 1/4, ... and divided by the sum of those weights; the term is
 the sum of the levels' HCLs. ``mid`` is ``min(512, C)`` for ``C`` the student's pooled channels;
-the convs are Kaiming-uniform (a = 1) initialised. The ABFs are the term's modules: trained with
-the student, never deployed.
+the 1x1 and 3x3 convs are Kaiming-uniform (a = 1) initialised. The ABFs are the term's modules:
+trained with the student, never deployed.
 
 Facts from the authors' code (dvlab-research/ReviewKD ``CIFAR-100/model/reviewkd.py``,
 ``CIFAR-100/train.py``, ``ImageNet/``) and mdistiller (``mdistiller/distillers/ReviewKD.py``,
@@ -26,13 +26,13 @@ no warm-up. The CIFAR zoo's ``TapSpec.stages`` is RepDistiller's feature list (s
 torchvision's ResNets list no stem, so their recipes say ``first_stage: 0``.
 
 **Deviation (pre-activation features).** The authors match the teacher's stage outputs *before*
-their last ReLU (CIFAR: ``preact=True``; ImageNet: both networks' blocks leave the ReLU out, and
-mdistiller's ImageNet config sets ``STU_PREACT``). normkd's taps are module outputs, and every zoo
-and torchvision stage ends in its ReLU, so here both networks' maps are post-activation (the
-teacher's are non-negative); getting the pre-activation maps would need a new tap kind and a
-declared pre-ReLU point in every model, outside this file. The pooled features are the
-classifier's input on both sides, as in the authors' code (with NORM's FT on the student, the
-student's is taken after FT).
+their last ReLU (CIFAR: ``preact=True``, the student's maps post-ReLU; ImageNet: both networks'
+blocks leave the ReLU out, and mdistiller's ImageNet config sets ``STU_PREACT``). normkd's taps
+are module outputs, and every zoo and torchvision stage ends in its ReLU, so here both networks'
+maps are post-activation (the teacher's are non-negative): on CIFAR the teacher's side differs,
+on ImageNet both. Pre-activation maps would need a new tap kind and a declared pre-ReLU point in
+every model, outside this file. The pooled features are the classifier's input on both sides, as
+in the authors' code (with NORM's FT on the student, the student's is taken after FT).
 """
 
 from __future__ import annotations
