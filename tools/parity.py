@@ -6,6 +6,8 @@ holding them, laid out as packages so their relative imports resolve:
     DIR/dist_ref/dist_kd.py   hunto/image_classification_sota lib/models/losses/dist_kd.py
     DIR/wkd_ref/WKD.py, _base.py, _common.py, generate_cost_matrix.py
                               JiamingLv/WKD mdistiller/distillers/*, tools/generate_cost_matrix.py
+    DIR/reviewkd_ref/ReviewKD.py, _base.py
+                              megvii-research/mdistiller mdistiller/distillers/*
     (each folder with an empty __init__.py)
 
 Their WKD-L casts probabilities to float32 inside the loss; for a float64 comparison the script
@@ -24,6 +26,7 @@ import torch
 
 from normkd.losses import StepState, Taps
 from normkd.losses.dist import DISTLoss
+from normkd.losses.reviewkd import ReviewKDLoss
 from normkd.losses.wkd import WKDFeatureLoss, WKDLogitLoss, linear_cka, sharpen_cost
 
 TOL = 1e-6
@@ -134,11 +137,90 @@ def cka_checks(gen: types.ModuleType) -> list[tuple[str, float]]:
     ]
 
 
+REVIEWKD_SETTINGS = (  # name, student maps (C, H, W) shallow to deep, pooled last; the teacher's
+    (
+        "CIFAR resnet32x4 -> resnet8x4",
+        [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)],
+        [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)],
+    ),
+    (
+        "CIFAR resnet32x4 -> ShuffleV1 (sizes differ)",
+        [(240, 16, 16), (480, 8, 8), (960, 4, 4), (960, 1, 1)],
+        [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)],
+    ),
+    (
+        "ImageNet resnet34 -> resnet18",
+        [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (512, 1, 1)],
+        [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (512, 1, 1)],
+    ),
+)
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in network for mdistiller's distiller: returns given logits and feature dict."""
+
+    def __init__(self, out: tuple[torch.Tensor, dict]) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, _image: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.out
+
+
+def _maps(shapes: list[tuple[int, ...]], b: int, g: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randn(b, *sh, generator=g, dtype=D64) for sh in shapes]
+
+
+def _reviewkd_diff(
+    ref: types.ModuleType, s_shapes: list[tuple[int, ...]], t_shapes: list[tuple[int, ...]]
+) -> float:
+    """Max |ours - theirs| of one setting: their distiller on stand-in networks, ours on taps."""
+    g, b = torch.Generator().manual_seed(11), 4
+    s_maps = [m.requires_grad_() for m in _maps(s_shapes, b, g)]
+    t_maps = _maps(t_shapes, b, g)
+    s_pooled, t_pooled = s_maps[-1].flatten(1), t_maps[-1].flatten(1)
+    stem = torch.zeros(b, 1, 1, 1, dtype=D64)  # their lists lead with a stem no ABF reads
+    logits = torch.randn(b, 10, generator=g, dtype=D64)
+    cfg = types.SimpleNamespace(
+        REVIEWKD=types.SimpleNamespace(
+            SHAPES=[sh[1] for sh in reversed(s_shapes)],
+            OUT_SHAPES=[sh[1] for sh in reversed(t_shapes)],
+            IN_CHANNELS=[sh[0] for sh in s_shapes],
+            OUT_CHANNELS=[sh[0] for sh in t_shapes],
+            CE_WEIGHT=1.0, REVIEWKD_WEIGHT=1.0, WARMUP_EPOCHS=20, STU_PREACT=False,
+            MAX_MID_CHANNEL=512,
+        )
+    )  # fmt: skip
+    student = _Fixed((logits, {"feats": [stem, *s_maps[:-1]], "pooled_feat": s_pooled}))
+    teacher = _Fixed((logits, {"preact_feats": [stem, *t_maps[:-1]], "pooled_feat": t_pooled}))
+    theirs = ref.ReviewKD(student, teacher, cfg).double().train()
+    ours = ReviewKDLoss(s_shapes, t_shapes, first_stage=0).double().train()
+    deepest = len(s_shapes) - 1
+    for j, abf in enumerate(theirs.abfs):  # theirs deep to shallow, ours shallow to deep
+        target = ours.abfs[deepest - j]
+        values = list(abf.state_dict().values())
+        target.load_state_dict(dict(zip(target.state_dict(), values, strict=True)))
+    y = torch.zeros(b, dtype=torch.long)
+    want = theirs.forward_train(image=stem, target=y, epoch=20)[1]["loss_kd"]  # warm-up done
+    state = StepState(
+        stem, y, y, 20, Taps(stages=s_maps[:-1], pooled=s_pooled),
+        Taps(stages=t_maps[:-1], pooled=t_pooled),
+    )  # fmt: skip
+    return _diff(ours(state), want, s_maps)
+
+
+def reviewkd_checks(ref: types.ModuleType) -> list[tuple[str, float]]:
+    """ReviewKD's loss through mdistiller's own distiller (ABF chain + HCL), their ABF weights
+    copied into ours, on identical student and teacher maps; BN in training mode on both sides."""
+    return [(f"reviewkd {name}", _reviewkd_diff(ref, s, t)) for name, s, t in REVIEWKD_SETTINGS]
+
+
 STEP_METHODS = {
     "kd": [{"kind": "kd", "temperature": 4.0}],
     "dist": [{"kind": "dist", "weight": 2.0, "tau": 4.0}],
     "wkd_l": [{"kind": "wkd_l", "gamma": 600.0, "temperature": 8.0}],
     "wkd_f": [{"kind": "wkd_f", "weight": 0.08, "ratio": 4.0, "grid": 1, "projector": "conv1x1"}],
+    "reviewkd": [{"kind": "reviewkd", "weight": 5.0}],
 }
 
 
@@ -212,6 +294,7 @@ def main() -> None:
     rows += wkd_l_checks(wkd, args.cost)
     rows += wkd_f_checks(wkd, importlib.import_module("wkd_ref._common"))
     rows += cka_checks(importlib.import_module("wkd_ref.generate_cost_matrix"))
+    rows += reviewkd_checks(importlib.import_module("reviewkd_ref.ReviewKD"))
     print(f"| check | max abs diff (loss, grads) | verdict (tol {TOL:g}) |\n|---|---|---|")
     for name, d in rows:
         print(f"| {name} | {d:.3e} | {'PASS' if d <= TOL else 'FAIL'} |")

@@ -1,6 +1,7 @@
 """A real zoo teacher/student pair behind the Distiller, built by the engine's own assembler."""
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +87,29 @@ def _check_grads(d: Distiller, kind: str) -> None:
 def check_grads() -> Callable[[Distiller, str], None]:
     """Assert gradients reach the student's stem and the term's modules, never the teacher."""
     return _check_grads
+
+
+@pytest.fixture
+def recipe_dry_run(capsys: pytest.CaptureFixture[str]) -> Callable[[Path, Path], str]:
+    """`normkd distill RECIPE --dry-run --fake-data` on CPU (batch 2, a random teacher): asserts
+    it succeeds and writes no run directory; returns what it printed."""
+    from normkd.cli import main
+    from support import sets
+
+    def run(path: Path, tmp_path: Path) -> str:
+        over = [
+            "data.batch_size=2", "data.eval_batch_size=2", "engine.device=cpu",
+            f"engine.out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'none'}",
+            "teacher.weights=null",
+        ]  # fmt: skip
+        capsys.readouterr()
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny batches gain nothing from threads on a shared CPU
+        try:
+            assert main(["distill", str(path), "--dry-run", "--fake-data", *sets(*over)]) == 0
+        finally:
+            torch.set_num_threads(before)
+        assert not (tmp_path / "runs").exists(), "a dry run must not create the run directory"
+        return capsys.readouterr().out
+
+    return run

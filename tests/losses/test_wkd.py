@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normkd.config import load_recipe
 from normkd.errors import ConfigError
-from normkd.losses import StepState, Taps
+from normkd.losses import BuildContext, StepState, Taps, TapShapes
 from normkd.losses.wkd import (
     WKDFeatureLoss,
     WKDFeatureTerm,
@@ -21,8 +22,11 @@ from normkd.losses.wkd import (
     load_cost_matrix,
     mean_std,
     sinkhorn_distance,
+    teacher_class_features,
     wkd_logit_parts,
 )
+from normkd.models import create_model
+from support import CONFIGS
 
 D64 = torch.float64
 
@@ -207,3 +211,67 @@ def test_wkd_terms_train_through_the_real_assembler(zoo_step, check_grads):
     assert set(d.terms) == {"ce", "norm", "wkd_l"}
     stem = d.student.student.conv1.weight
     assert stem.grad is not None and stem.grad.abs().sum() > 0
+
+
+CTX = BuildContext(
+    student=TapShapes((64, 2, 2), ((64, 2, 2),), (64,)), teacher=None
+)  # WKD-L needs none
+
+
+def _last_stage(m, x):
+    """resnet8's layer3 map, by calling its layers in turn (eval mode)."""
+    return m.layer3(m.layer2(m.layer1(m.relu(m.bn1(m.conv1(x))))))
+
+
+def test_class_features_are_the_authors_rows_and_make_a_cost_the_term_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", num_classes=3).eval()
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.tensor([2, 0, 1, 0, 2, 1])  # two images per class, in two batches
+    feats = teacher_class_features(teacher, [(x[:4], y[:4]), (x[4:], y[4:])], 3)
+    with torch.no_grad():
+        maps = _last_stage(teacher, x)  # (6, 64, 2, 2)
+    assert feats.shape == (3, 2 * 4, 64)  # each position of each image a row
+    for c in range(3):
+        imgs = [i for i in range(6) if y[i] == c]  # arrival order, image by image
+        want = torch.cat([maps[i].flatten(1).t() for i in imgs])
+        assert torch.allclose(feats[c], want, atol=1e-6)
+    cost = cka_cost_matrix(feats.double())  # raw 1 - CKA, as the authors' files hold it
+    assert torch.all(cost.diag() == 0) and torch.equal(cost, cost.t()) and cost.max() > 0
+    save_file({"cost": cost.float()}, str(tmp_path / "cost.safetensors"))
+    term = WKDLogitTerm(cost_matrix=str(tmp_path / "cost.safetensors"), sharpen=1.0)
+    built = term.build(CTX)
+    assert torch.allclose(built.cost, 1 - torch.exp(-cost.float()), atol=1e-6)
+
+
+def test_logit_class_features_cut_every_class_to_the_smallest():
+    teacher = create_model("resnet8", num_classes=3).eval()
+    x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 0, 1, 2, 2])
+    feats = teacher_class_features(teacher, [(x, y)], 3, source="logits")
+    with torch.no_grad():
+        logits = teacher(x)
+    assert feats.shape == (3, 1, 3)
+    assert torch.allclose(feats[:, 0], logits[[0, 2, 3]], atol=1e-6)
+    with pytest.raises(ValueError, match="every class needs the same"):
+        teacher_class_features(teacher, [(x, y)], 3)  # stage rows: counts 2, 1, 2
+
+
+def test_uniform_cost_says_it_is_not_the_published_method(capsys):
+    WKDLogitTerm().build(CTX)
+    err = capsys.readouterr().err
+    assert "normkd: warning: loss wkd_l: cost_matrix uniform" in err
+    assert "not the published method" in err
+
+
+@pytest.mark.parametrize("pair", ["resnet20__resnet8", "resnet32x4__resnet8x4"])
+def test_norm_wkd_l_recipe_is_norm_plus_the_wkd_l_recipes_term(pair, tmp_path, recipe_dry_run):
+    folder = CONFIGS / "cifar100" / pair
+    combo, wkd, norm = (load_recipe(folder / f"{m}.yaml") for m in ("norm_wkd_l", "wkd_l", "norm"))
+    assert [t.kind for t in combo.loss] == ["ce", "wkd_l", "norm"]
+    assert combo.term("wkd_l") == wkd.term("wkd_l") and combo.term("norm") == norm.term("norm")
+    assert combo.term("ce").weight == 1.0 and not combo.logit_standardization.enabled
+    if pair == "resnet20__resnet8":  # (the other pair's recipes all dry-run in test_recipes.py)
+        printed = recipe_dry_run(folder / "norm_wkd_l.yaml", tmp_path)
+        assert "wkd_l=" in printed and "norm=" in printed

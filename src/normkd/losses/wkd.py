@@ -9,15 +9,24 @@ weight ``gamma``. The authors run ``iters`` Sinkhorn sweeps from ``u = 1 / (C - 
 gradient flow through the sweeps. ``gamma`` is cosine-decayed to 0 from ``decay_from`` to the last
 epoch (the authors' ``COSINE_DECAY_EPOCH``, with their 1-based epochs).
 
-The cost ``M``: the authors compute it offline from the *teacher*. For each class they stack the
-teacher's representation of all its training images (CIFAR-100: the last stage's map, every
-spatial position a row; ImageNet: the logits) and set ``M_ij = 1 - linearCKA(F_i, F_j)``, then
-sharpen it, ``M <- 1 - exp(-kappa M)`` (kappa 1); their files are in ``JiamingLv/WKD``
-``wkd_cost_matrix/`` (a plain tensor each, readable here with ``cost_matrix: PATH``).
-:func:`cka_cost_matrix` makes the same matrix from such class features. Their other option is
-``1 - cosine`` between the rows of the teacher's classifier (:func:`classifier_cost_matrix`).
-``cost_matrix: uniform`` is cost 1 between any two distinct classes (no class relations: for demos
-and dry runs).
+The cost ``M``: the authors compute it offline from the *teacher* (JiamingLv/WKD
+``tools/generate_class_proto.py``, ``tools/generate_cost_matrix.py``). For each class they stack
+the teacher's representation of its training images, read without augmentation (CIFAR-100: the
+last stage's map of all 500 images, every spatial position a row; ImageNet: the logits, each class
+cut to the smallest class's count), set ``M_ij = 1 - linearCKA(F_i, F_j)`` with rows paired in
+that order, and sharpen it at training, ``M <- 1 - exp(-kappa M)`` (``COST_MATRIX_SHARPEN`` 1).
+Their files (``wkd_cost_matrix/``, the raw ``1 - CKA`` as a plain tensor) load here with
+``cost_matrix: PATH`` and are sharpened by ``sharpen``. :func:`teacher_class_features` and
+:func:`cka_cost_matrix` make the same raw matrix for any teacher (save it as ``.safetensors``
+under the key ``cost``). Their other option is ``1 - cosine`` between the rows of the teacher's
+classifier (:func:`classifier_cost_matrix`).
+
+**The term cannot make the published cost itself**: it is built from the models' tap *shapes*
+(``BuildContext``) and never sees the teacher's weights or the training images, so ``cost_matrix:
+uniform`` (the default) is cost 1 between any two distinct classes: WKD-L without class relations,
+**not the published method**, and a run says so in a warning. What would let it: the frozen teacher
+module and an un-augmented pass over the training set in ``BuildContext`` (engine/job.py), for the
+CKA cost; the teacher module alone, for the classifier cost.
 
 **WKD-F** passes the student's last stage through a projector (``conv1x1``: the FitNet
 regressor, conv + BN + ReLU; ``bottleneck``: 1x1 -> 3x3 -> 1x1 through 256 channels, + BN + ReLU)
@@ -31,6 +40,7 @@ and averaged over cells too. The projector is the term's: trained with the stude
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -40,8 +50,10 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 from torch import nn
 
 from normkd.errors import ConfigError
+from normkd.log import logger
 from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 from normkd.losses.fitnet import hint_regressor
+from normkd.models.taps import collect_taps, eval_mode, get_taps
 
 # ---------------------------------------------------------------- the cost matrix (WKD-L)
 
@@ -53,8 +65,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return hsic / ((x.t() @ x).norm() * (y.t() @ y).norm())
 
 
-def cka_cost_matrix(class_feats: torch.Tensor, sharpen: float = 1.0) -> torch.Tensor:
-    """``(C, n, d)`` teacher features per class -> ``(C, C)`` cost ``1 - exp(-k (1 - CKA))``."""
+def cka_cost_matrix(class_feats: torch.Tensor, sharpen: float = 0.0) -> torch.Tensor:
+    """``(C, n, d)`` teacher features per class -> ``(C, C)`` cost ``1 - CKA`` (with ``sharpen``
+    k > 0: ``1 - exp(-k (1 - CKA))``; keep 0 for a file the term loads, since it sharpens)."""
     c = class_feats.shape[0]
     cost = torch.zeros(c, c, dtype=class_feats.dtype)
     for i in range(c):
@@ -63,10 +76,46 @@ def cka_cost_matrix(class_feats: torch.Tensor, sharpen: float = 1.0) -> torch.Te
     return sharpen_cost(cost, sharpen)
 
 
-def classifier_cost_matrix(weight: torch.Tensor, sharpen: float = 1.0) -> torch.Tensor:
+def classifier_cost_matrix(weight: torch.Tensor, sharpen: float = 0.0) -> torch.Tensor:
     """``(C, D)`` teacher classifier rows -> ``(C, C)`` cost from their cosine distances."""
     w = F.normalize(weight.detach(), dim=1)
     return sharpen_cost(1 - w @ w.t(), sharpen)
+
+
+@torch.no_grad()
+def teacher_class_features(
+    teacher: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    source: Literal["last_stage", "logits"] = "last_stage",
+) -> torch.Tensor:
+    """The ``(C, n, d)`` input of :func:`cka_cost_matrix`, as the authors make it.
+
+    ``batches`` yields ``(images, labels)`` of the training set without augmentation. ``last_stage``
+    (their CIFAR-100 files): the teacher's last stage map (``TapSpec.stages[-1]``, their
+    ``feats[-1]``) of every image, each spatial position a row, image by image; every class needs
+    the same image count. ``logits`` (their ImageNet files): one row per image, each class cut to
+    the smallest class's count. Rows keep the order the images came in (theirs: CIFAR-100 in the
+    dataset's order, ImageNet shuffled with seed 0), which pairs the rows of two classes for CKA.
+    Runs the teacher in eval mode; the rows stay on the CPU (CIFAR-100 from resnet32x4: 100 x
+    32,000 x 256 floats, 3.3 GB)."""
+    rows: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
+    spec = get_taps(teacher)
+    with eval_mode(teacher):
+        for x, y in batches:
+            with collect_taps(teacher, spec, frozenset({"stages"})) as taps:
+                logits = teacher(x)
+            if source == "logits":
+                feats = logits.float()
+            else:  # (B, C, H, W) -> (B, H * W, C): position-major rows per image
+                feats = taps.stages[-1].float().flatten(2).transpose(1, 2)
+            for f, label in zip(feats.cpu(), y.tolist(), strict=True):
+                rows[label].append(f)
+    counts = {len(r) for r in rows}
+    if 0 in counts or (source == "last_stage" and len(counts) > 1):
+        raise ValueError(f"class image counts {sorted(counts)}: every class needs the same, > 0")
+    n = min(counts)
+    return torch.stack([torch.stack(r[:n]).reshape(-1, r[0].shape[-1]) for r in rows])
 
 
 def sharpen_cost(cost: torch.Tensor, sharpen: float) -> torch.Tensor:
@@ -95,6 +144,13 @@ def load_cost_matrix(path: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- WKD-L
+
+UNIFORM_WARNING = (
+    "loss wkd_l: cost_matrix uniform puts cost 1 between any two classes: WKD-L without class "
+    "relations, not the published method. For that, name the teacher's (C, C) 1 - CKA file: "
+    "cost_matrix: PATH (the authors' wkd_cost_matrix/*.pth, or one made with "
+    "normkd.losses.wkd.teacher_class_features + cka_cost_matrix)"
+)
 
 
 def sinkhorn_distance(
@@ -188,13 +244,11 @@ class WKDLogitTerm(TermConfig):
     """WKD-L: DKD-style split, Sinkhorn Wasserstein distance over the non-target classes."""
 
     kind: Literal["wkd_l"] = "wkd_l"
-    gamma: NonNegativeFloat = 10.0  # WKD_LOGIT_WEIGHT: ImageNet 10; CIFAR-100 600 (200 with WKD-F)
+    gamma: NonNegativeFloat = 10.0  # ImageNet 10 with WKD-F, 30 alone; CIFAR 200 / 600
     temperature: PositiveFloat = 2.0  # ImageNet 2; CIFAR-100 8
     sinkhorn_lambda: PositiveFloat = 0.05
     sinkhorn_iters: PositiveInt = 10
-    cost_matrix: str = (
-        "uniform"  # a (C, C) file (authors' CKA matrices load as they are) or uniform
-    )
+    cost_matrix: str = "uniform"  # a (C, C) 1 - CKA file (published); uniform: NOT published
     sharpen: NonNegativeFloat = 1.0  # 1 - exp(-k M) on a loaded file (COST_MATRIX_SHARPEN)
     decay_from: NonNegativeInt | None = 0  # cosine decay of gamma from this epoch; None: never
     term: ClassVar[type[LossTerm]] = WKDLogitLoss
@@ -204,6 +258,8 @@ class WKDLogitTerm(TermConfig):
         cost = None  # uniform: 1 - I, sized by the first logits
         if self.cost_matrix != "uniform":
             cost = sharpen_cost(load_cost_matrix(self.cost_matrix), self.sharpen)
+        else:
+            logger.warning(UNIFORM_WARNING)
         return WKDLogitLoss(
             cost, self.gamma, self.temperature, self.sinkhorn_lambda, self.sinkhorn_iters,
             self.decay_from, ctx.epochs,
