@@ -2,6 +2,7 @@
 
     python benchmarks/tables.py run cifar100_resnet20__resnet8_e15 --data-root ../shared/data
     python benchmarks/tables.py build          # every table and the schedule trend, records only
+    python benchmarks/tables.py wkd-cost --data-root ../shared/data   # WKD-L's class costs
 
 Run workers with ``OMP_WAIT_POLICY=PASSIVE`` (two busy-waiting torch threads stall each other on
 a 2-core machine) and ``OMP_NUM_THREADS=1`` when two share the cores (``--methods`` splits a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,11 @@ class Spec:
 R8, VIT = "resnet20__resnet8", "resnet20__vit_mini_p4"
 TABLES = {
     TEACHER_TABLE: Spec(
-        R8, 15, ("vanilla", "kd", "kd_matched", "norm", "norm_kd", "norm_kd_authors"), 3, "cifar100"
+        R8,
+        15,
+        ("vanilla", "kd", "kd_matched", "norm", "norm_kd", "norm_kd_authors", "dist", "wkd_l"),
+        3,
+        "cifar100",
     ),
     "cifar100_resnet20__vit_mini_p4_e15": Spec(
         VIT, 15, ("vanilla", "kd", "kd_matched", "norm", "norm_kd"), 3, "cifar100_mixed"
@@ -57,6 +63,10 @@ TABLES = {
     "cifar100_resnet20__resnet8_e30": Spec(R8, 30, ("kd_matched", "norm_kd"), 1, None),
     "cifar100_resnet20__resnet8_e60": Spec(R8, 60, ("kd_matched", "norm_kd"), 1, None),
 }
+# WKD-L as published: its class costs are the shared teacher's 1 - linear CKA (made once, from the
+# teacher and the un-augmented training set, and kept beside the teacher with its provenance).
+WKD_COST = RUNS / TEACHER_TABLE / "wkd_cost.safetensors"
+METHOD_SETS = {"wkd_l": (f"loss.1.cost_matrix={WKD_COST}",)}
 TREND = (TEACHER_TABLE, "cifar100_resnet20__resnet8_e30", "cifar100_resnet20__resnet8_e60")
 TREND_METHODS = ("kd_matched", "norm_kd")
 
@@ -74,19 +84,66 @@ def run(
     bad = sorted(set(methods or ()) - set(spec.methods))
     if bad:
         raise UserError(f"table {name} has no method {bad}; it has {', '.join(spec.methods)}")
-    reproduce(
-        spec.pair,
-        data_root,
-        methods=list(methods or spec.methods),
-        seeds=seeds or spec.seeds,
-        scale="short",
-        out_dir=out_dir,
-        epochs=spec.epochs,
-        teacher_weights=teacher,
-        extra=list(spec.sets),
-        records=RUNS / name,
-    )
+    chosen = list(methods or spec.methods)
+    if "wkd_l" in chosen and not WKD_COST.is_file():
+        wkd_cost(data_root)
+    groups: dict[tuple[str, ...], list[str]] = {}  # methods that share their extra settings
+    for m in chosen:
+        groups.setdefault(METHOD_SETS.get(m, ()), []).append(m)
+    for sets, group in groups.items():
+        reproduce(
+            spec.pair,
+            data_root,
+            methods=group,
+            seeds=seeds or spec.seeds,
+            scale="short",
+            out_dir=out_dir,
+            epochs=spec.epochs,
+            teacher_weights=teacher,
+            extra=[*spec.sets, *sets],
+            records=RUNS / name,
+        )
     build([name])
+
+
+def wkd_cost(data_root: Path) -> None:
+    """WKD-L's published class costs for the shared teacher: 1 - linear CKA of its last-stage
+    rows per class over the un-augmented training set in dataset order (the authors' CIFAR
+    recipe), saved under the key ``cost``, its provenance in the file's metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    from normkd.data import load_cifar100
+    from normkd.engine.checkpoint import load_model_file
+    from normkd.losses.wkd import cka_cost_matrix, teacher_class_features
+    from normkd.records import git_commit, machine_line, now, sha256
+
+    t0 = time.perf_counter()
+    weights = RUNS / TEACHER_TABLE / "teacher.safetensors"
+    if not weights.is_file():
+        raise UserError(f"WKD-L's costs come from {TEACHER_TABLE}'s teacher: run that table first")
+    teacher, _ = load_model_file(weights)
+    split = load_cifar100(data_root)
+    mean = torch.tensor(split.mean).view(1, 3, 1, 1)
+    std = torch.tensor(split.std).view(1, 3, 1, 1)
+    batches = (
+        ((split.x_train[i : i + 500].float() / 255 - mean) / std, split.y_train[i : i + 500])
+        for i in range(0, len(split.y_train), 500)
+    )
+    print(f"[tables] WKD-L costs: the teacher's class CKA over {len(split.y_train)} images ...")
+    feats = teacher_class_features(teacher, batches, split.num_classes)
+    cost = cka_cost_matrix(feats).contiguous()
+    note = {  # kept in the file's own metadata: a *.json beside the records would read as one
+        "what": "WKD-L class costs: 1 - linear CKA of the teacher's last-stage rows per class",
+        "teacher_sha256": sha256(weights),
+        "rows_per_class": str(feats.shape[1]),
+        "commit": git_commit(),
+        "machine": machine_line(),
+        "finished": now(),
+        "seconds": f"{time.perf_counter() - t0:.1f}",
+    }
+    atomic_write(WKD_COST, lambda tmp: save_file({"cost": cost}, tmp, metadata=note))
+    print(f"[tables] wrote {WKD_COST} ({note['seconds']} s)")
 
 
 def build(names: Sequence[str] | None = None) -> None:
@@ -96,8 +153,27 @@ def build(names: Sequence[str] | None = None) -> None:
         if spec.report is None or not any(folder.glob("*_seed*.json")):
             continue
         comp = build_table(folder, list(spec.methods))
-        write_table(comp, RESULTS / f"{spec.report}.md")
+        path = RESULTS / f"{spec.report}.md"
+        write_table(comp, path)
+        if comp.runs.get("wkd_l"):
+            atomic_write_text(path, path.read_text() + _wkd_note())
     trend()
+
+
+def _wkd_note() -> str:
+    from safetensors import safe_open
+
+    from normkd.records import sha256
+
+    with safe_open(str(WKD_COST), "pt") as f:
+        meta = f.metadata() or {}
+    return (
+        f"\nWKD-L's class costs (as published: 1 - linear CKA of the teacher's last-stage rows, "
+        f"{meta.get('rows_per_class', '?')} per class, un-augmented training set): "
+        f"`runs/{TEACHER_TABLE}/{WKD_COST.name}`, sha256 {sha256(WKD_COST)[:16]}..., made from "
+        f"teacher {meta.get('teacher_sha256', '?')[:16]}... at commit "
+        f"{meta.get('commit', '?')[:12]}.\n"
+    )
 
 
 def trend() -> None:
@@ -161,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--out-dir", type=Path, default=Path("runs/tables"), help="run folders")
     r.add_argument("--methods", nargs="+", help="a share of the table's methods (for workers)")
     r.add_argument("--seeds", type=int, help="seeds (default: the table's)")
+    w = sub.add_parser("wkd-cost", help="make WKD-L's class costs from the shared teacher")
+    w.add_argument("--data-root", type=Path, required=True, help="folder holding cifar-100-python/")
     b = sub.add_parser("build", help="rebuild every table and the trend from the records")
     b.add_argument("tables", nargs="*", metavar="TABLE", help=f"default: all ({', '.join(TABLES)})")
     args = p.parse_args(argv)
@@ -170,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"unknown table {unknown}; valid: {', '.join(TABLES)}")
         if args.command == "run":
             run(args.table, args.data_root, args.out_dir, args.methods, args.seeds)
+        elif args.command == "wkd-cost":
+            wkd_cost(args.data_root)
         else:
             build(args.tables or None)
     except UserError as err:
