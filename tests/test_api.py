@@ -233,6 +233,12 @@ def test_method_strings_map_to_loss_terms():
     assert (norm.kind, norm.weight, norm.n, norm.ramp) == ("norm", 2.0, 4, "none")
     dkd = method_loss("norm_dkd", {}, 240)[2]
     assert dkd["kind"] == "dkd" and dkd["warmup"] == 20
+    # Every warmed-up term ramps over epochs / 12 of a short job (mdistiller's 20 of 240), unless
+    # the caller sets it.
+    for method, kind in (("dkd", "dkd"), ("reviewkd", "reviewkd")):
+        term = method_loss(method, {}, 24)[1]
+        assert term["kind"] == kind and term["warmup"] == 2, term
+    assert method_loss("reviewkd", {"reviewkd_warmup": 7}, 24)[1]["warmup"] == 7
 
 
 def test_a_python_run_of_a_torchvision_student_opens_from_the_cli_and_exports(

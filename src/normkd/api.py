@@ -67,7 +67,8 @@ SECTION_OPTIONS = {
 # One option for a setting several terms share (None: each term's own default).
 SHARED = {"temperature": ("temperature", None), "n": ("n", None)}
 # Where distill() differs from a recipe: a short job on the caller's own data (cosine schedule
-# to zero, no milestones, 2 loader workers, DKD warm-up of epochs / 12 as mdistiller's 20 of 240).
+# to zero, no milestones, 2 loader workers, DKD / ReviewKD warm-up of epochs / 12 as mdistiller's
+# 20 of 240).
 OWN_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",
     "workers": 2,
@@ -310,9 +311,9 @@ def method_loss(method: str, options: dict[str, Any], epochs: int) -> list[dict[
             if setting != "kind" and value is not None:
                 term[setting] = value
         terms.append(term)
-    dkd = next((t for t in terms if t["kind"] == "dkd"), None)
-    if dkd is not None and "warmup" not in dkd:
-        dkd["warmup"] = min(20, max(1, round(epochs / 12)))
+    for term in terms:  # DKD, ReviewKD: their authors' 20 of 240 epochs, scaled to this run
+        if "warmup" in TERMS[term["kind"]].model_fields and "warmup" not in term:
+            term["warmup"] = min(20, max(1, round(epochs / 12)))
     return terms
 
 
