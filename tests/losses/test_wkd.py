@@ -133,8 +133,37 @@ def test_cost_matrix_files_load_safely_and_wrong_ones_are_refused(tmp_path):
         load_cost_matrix(str(tmp_path / "none.pth"))
     term = WKDLogitLoss(torch.rand(4, 4), 1.0, 1.0)
     s = torch.randn(2, 5)
-    with pytest.raises(ValueError, match="for 5 classes"):
+    with pytest.raises(ConfigError, match="for 5 classes"):
         term(StepState(s, torch.tensor([0, 1]), torch.arange(2), 0, Taps(s), Taps(s)))
+
+
+def test_a_cost_file_that_does_not_fit_is_one_line_before_the_run_folder(tmp_path, capsys):
+    """A cost of another class count, a safetensors file without ``cost``, or a file that is no
+    tensor at all: one error line from the CLI, refused while the job is built (no run folder)."""
+    from safetensors.torch import save_file
+
+    from normkd.cli import main
+    from support import DEMO, one_error_line
+
+    save_file({"cost": torch.rand(100, 100)}, str(tmp_path / "c100.safetensors"))
+    save_file({"other": torch.rand(10, 10)}, str(tmp_path / "nocost.safetensors"))
+    (tmp_path / "text.pth").write_text("not a tensor")
+    teacher = tmp_path / "t.safetensors"
+    from normkd.engine.checkpoint import save_model
+
+    save_model(teacher, create_model("resnet8x4", num_classes=10), {"model": "resnet8x4",
+               "num_classes": 10, "kwargs": {}})  # fmt: skip
+    expected = {
+        "c100.safetensors": "is (100, 100) for 10 classes",
+        "nocost.safetensors": "has no tensor named 'cost'",
+        "text.pth": "cannot read cost_matrix",
+    }
+    for name, message in expected.items():
+        argv = ["distill", str(DEMO / "kd.yaml"), "--out-dir", str(tmp_path / "runs"), "--quiet",
+                "--set", f"teacher.weights={teacher}", "--set", "optim.epochs=1",
+                "--set", f"loss.1={{kind: wkd_l, cost_matrix: {tmp_path / name}}}"]  # fmt: skip
+        assert message in one_error_line(main, argv, capsys), name
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_mean_std_per_cell_match_adaptive_pooling():

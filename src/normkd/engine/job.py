@@ -100,6 +100,7 @@ def assemble(
         student_name=names[0],
         teacher_name=names[1],
         in_shape=data.in_shape,
+        num_classes=data.num_classes,
     )
     trained = student  # each term may put its own modules in the student's path (before builds)
     for term in recipe.loss:

@@ -75,6 +75,7 @@ class BuildContext:
     student_name: str = "student"
     teacher_name: str = "teacher"
     in_shape: tuple[int, ...] = ()  # one input's shape (C, H, W)
+    num_classes: int | None = None  # the classifier's outputs (None: not known when built)
 
     def pair(self, kind: str) -> tuple[TapShapes, TapShapes]:
         """Student and teacher shapes for a term that sizes its modules from both."""

@@ -131,12 +131,18 @@ def load_cost_matrix(path: str) -> torch.Tensor:
             f"loss wkd_l: cost_matrix {path!r} not found; use a (C, C) teacher class-distance "
             "file (e.g. JiamingLv/WKD wkd_cost_matrix/...), or cost_matrix: uniform"
         )
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        cost = load_file(str(p))["cost"]
-    else:
-        cost = torch.load(p, map_location="cpu", weights_only=True)
+            cost = load_file(str(p)).get("cost")
+        else:
+            cost = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a tensor file (or one that needs unpickling code)
+        reason = " ".join(str(err).split())[:160]
+        raise ConfigError(f"loss wkd_l: cannot read cost_matrix {path!r}: {reason}") from None
+    if cost is None:
+        raise ConfigError(f"loss wkd_l: cost_matrix {path!r} has no tensor named 'cost'")
     if not isinstance(cost, torch.Tensor) or cost.dim() != 2 or cost.shape[0] != cost.shape[1]:
         shape = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
         raise ConfigError(f"loss wkd_l: cost_matrix {path!r} holds {shape}, not a (C, C) matrix")
@@ -228,7 +234,10 @@ class WKDLogitLoss(LossTerm):
         if self.cost is None:
             self.cost = 1 - torch.eye(c, device=state.student.logits.device)
         if tuple(self.cost.shape) != (c, c):
-            raise ValueError(f"WKD-L: the cost matrix is {tuple(self.cost.shape)} for {c} classes")
+            raise ConfigError(
+                f"loss wkd_l: the cost_matrix is {tuple(self.cost.shape)} for {c} classes; make "
+                "one for this teacher and data"
+            )
         target_term, wd = wkd_logit_parts(
             state.student.logits, state.teacher.logits, state.y, self.cost,
             self.temperature, self.lam, self.iters,
@@ -258,6 +267,11 @@ class WKDLogitTerm(TermConfig):
         cost = None  # uniform: 1 - I, sized by the first logits
         if self.cost_matrix != "uniform":
             cost = sharpen_cost(load_cost_matrix(self.cost_matrix), self.sharpen)
+            if ctx.num_classes is not None and cost.shape[0] != ctx.num_classes:
+                raise ConfigError(
+                    f"loss wkd_l: cost_matrix {self.cost_matrix!r} is {tuple(cost.shape)} for "
+                    f"{ctx.num_classes} classes; make one for this teacher and data"
+                )
         else:
             logger.warning(UNIFORM_WARNING)
         return WKDLogitLoss(
