@@ -1,8 +1,19 @@
-"""The named mutants of ``make mutants``: one semantic bug each, as an exact text replacement.
+"""The named mutants of ``make mutants``: one semantic bug each, as a text replacement.
 
-``file`` is relative to src/; ``old`` must occur exactly once in it. ``tests`` run first (the
-likely killers); the rest of the suite follows unless --quick. ``equivalent`` explains a mutant
-the suite cannot tell apart from the original (and why that is acceptable).
+``file`` is relative to src/; ``old`` must name exactly one place in it, matched ignoring
+whitespace and line breaks (``tools/mutants.py``, ``pattern``), so reformatting the code keeps the
+mutant valid. An ``old`` that starts with indentation matches a whole line start at any
+indentation, and ``new``'s lines are re-indented to match. ``tests`` run first (the likely
+killers; a kill by any other test must be confirmed by re-runs); the rest of the suite follows
+unless --quick. ``equivalent`` explains a mutant the suite cannot tell apart from the original (and
+why that is acceptable); ``equivalent-docstring`` is one on purpose, the canary that proves a
+survivor is reported.
+
+Rewording the code an ``old`` names breaks ``tests/test_mutants.py``, whose message names the
+mutant, the file and the nearest line now, and the command that checks the updated mutant. The
+source carries no ``# mutant:`` marker comments: about ninety of them in some thirty files would
+be read far more often than they would help, a marker warns but keeps no anchor valid, and the
+test's message already says what to update and how.
 """
 
 from __future__ import annotations
@@ -12,6 +23,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Mutant:
+    """One named bug: replace ``old`` by ``new`` in ``src/<file>``; ``tests`` should kill it."""
+
     name: str
     file: str
     what: str
@@ -748,5 +761,16 @@ MUTANTS: list[Mutant] = [
         'if setting != "kind" and value is not None:',
         'if setting not in ("kind", "weight") and value is not None:',
         T_API,
+    ),
+    # ------------------------------------------------------------------ the canary
+    Mutant(
+        "equivalent-docstring",
+        "normkd/stats.py",
+        "a module docstring reworded (no behaviour changes)",
+        "Standard library only (no scipy at run time).",
+        "Standard library only: SciPy is not needed to run it.",
+        ("tests/test_stats.py",),
+        equivalent="a docstring is no behaviour, so every test passes: the canary that proves a "
+        "survivor is reported (tests/test_mutants.py runs it against its own test file)",
     ),
 ]

@@ -1,0 +1,31 @@
+"""pytest plugin of ``tools/mutants.py`` (loaded with ``-p mutant_probe``; not a test helper).
+
+It appends one JSON line per failing report to the file ``$NORMKD_MUTANT_PROBE`` names: the exact
+node id and the phase (``collect``, ``setup``, ``call``, ``teardown``). The runner needs both: only
+a test that fails in its ``call`` phase kills a mutant, and that node id is re-run verbatim to
+confirm the kill. Parsing pytest's summary lines instead would cut ids that hold spaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+
+def _record(nodeid: str, when: str) -> None:
+    path = os.environ.get("NORMKD_MUTANT_PROBE")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"nodeid": nodeid, "when": when}) + "\n")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _record(report.nodeid, report.when)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.failed:
+        _record(report.nodeid, "collect")
