@@ -95,25 +95,34 @@ CASES = {
 }
 
 
+FLAKY = "tests/test_broken.py::test_always_fails (outside its tests; re-run with the mutant: fail"
+
+
 @pytest.mark.parametrize(
-    "case, status, by",
+    "case, workers, status, by",
     [
-        ("survived", "survived", ""),
-        ("killed", "killed", "tests/test_add.py::test_add"),
-        ("offlist", "killed", "tests/test_ones.py::test_ones (outside its tests: fails again"),
-        ("flaky", "flaky", "tests/test_broken.py::test_always_fails (outside its tests; a re-run"),
-        ("import", "error", "pytest exit 2, no failing test: tests/test_add.py errored in collect"),
-        ("hang", "timeout", "no result within 5 s"),
+        ("survived", 0, "survived", ""),
+        ("killed", 0, "killed", "tests/test_add.py::test_add"),
+        ("killed", 2, "killed", "tests/test_add.py::test_add"),  # xdist's -x exits 2
+        ("offlist", 0, "killed", "tests/test_ones.py::test_ones (outside its tests: fails again"),
+        ("flaky", 0, "flaky", FLAKY + ", without it: fail)"),
+        ("import", 0, "error", "no verdict (pytest exit 2): tests/test_add.py errored in collect"),
+        ("import", 2, "error", "no verdict (pytest exit 2): tests/test_add.py errored in collect"),
+        ("hang", 0, "timeout", "no result within 5 s"),
     ],
 )
-def test_outcomes_are_told_apart(tool: ModuleType, toy, case: str, status: str, by: str) -> None:
+def test_outcomes_are_told_apart(
+    tool: ModuleType, toy, case: str, workers: int, status: str, by: str
+) -> None:
     """Only a test failing in its call phase kills; one outside the mutant's own tests only when
     it fails again with the mutant and passes without; an import error or a hang is no kill."""
     root, pristine = toy
     new, tests, suite = CASES[case]
     old = '"""A toy module."""' if new.startswith('"""') else SUM
     m = tool.Mutant(f"toy-{case}", "toy.py", case, old, new, tests)
-    out = tool.run_one(m, root, pristine, suite, timeout=5.0)
+    out = tool.run_one(
+        m, root, pristine, suite, timeout=5.0 if case == "hang" else 120.0, workers=workers
+    )
     assert (out.status, out.by[: len(by)]) == (status, by), out
     assert (root / "src" / "toy.py").read_text() == TOY  # restored
 

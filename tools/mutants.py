@@ -93,9 +93,9 @@ def snapshot(dest: Path) -> Path:
     return dest
 
 
-def _key(m: Mutant, stages: tuple[tuple[str, ...], ...], root: Path = REPO) -> str:
+def _key(m: Mutant, stages: tuple[tuple[str, ...], ...], workers: int, root: Path = REPO) -> str:
     text = (root / "src" / m.file).read_text()
-    parts = (RUNNER_VERSION, m.name, m.old, m.new, repr(m.tests), repr(stages), text)
+    parts = (RUNNER_VERSION, m.name, m.old, m.new, repr(stages), str(workers), text)
     return hashlib.sha1("\0".join(parts).encode()).hexdigest()
 
 
@@ -193,14 +193,22 @@ def _apply(m: Mutant, copy_src: Path, original_src: Path = SRC) -> str | None:
 
 # ------------------------------------------------------------------ running the tests
 def _pytest(
-    tests: list[str], root: Path, env: dict[str, str], timeout: float, deselect: tuple[str, ...]
+    tests: list[str],
+    root: Path,
+    env: dict[str, str],
+    timeout: float,
+    deselect: tuple[str, ...],
+    workers: int,
 ) -> tuple[int, list[dict], str] | None:
-    """Run pytest on ``tests`` in ``root``: (exit code, failing reports in order, output tail),
-    or None on a timeout (the whole process group, DDP workers included, is killed)."""
+    """Run pytest on ``tests`` in ``root`` (``workers`` > 0: that many pytest-xdist workers, as
+    ``make test`` runs them, one thread each; 0: one process): (exit code, failing reports in
+    order, output tail), or None on a timeout (its whole process group is killed)."""
     fd, probe = tempfile.mkstemp(prefix="mutant-probe-", suffix=".jsonl")
     os.close(fd)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
     cmd += ["-p", "mutant_probe", *(f"--deselect={d}" for d in deselect), *tests]
+    if workers:
+        cmd += ["-n", str(workers), "--dist", "worksteal"]
     env = dict(env, NORMKD_MUTANT_PROBE=probe)
     try:
         proc = subprocess.Popen(
@@ -234,11 +242,14 @@ def _verdict(run: tuple[int, list[dict], str] | None, timeout: float) -> tuple[s
     if rc == 0:
         return "pass", ""
     first = reports[0] if reports else None
-    if rc == 1 and first is not None and first["when"] == "call":
+    # A failed test exits 1; under pytest-xdist, -x ends the session as interrupted (2).
+    if rc in (1, 2) and first is not None and first["when"] == "call":
         return "fail", first["nodeid"]
     what = f"{first['nodeid'] or '(collection)'} errored in {first['when']}" if first else ""
     tail = " ".join(tail.split())[-300:]
-    return "error", f"pytest exit {rc}, no failing test: {what}; {tail}".replace("|", "/")
+    return "error", f"no verdict (pytest exit {rc}): {what or 'no test failed'}; {tail}".replace(
+        "|", "/"
+    )
 
 
 def _listed(node: str, tests: tuple[str, ...]) -> bool:
@@ -253,37 +264,51 @@ def _stages(m: Mutant, suite: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
 
 
 def run_one(
-    m: Mutant, root: Path, pristine: Path, suite: tuple[str, ...], timeout: float
+    m: Mutant,
+    root: Path,
+    pristine: Path,
+    suite: tuple[str, ...],
+    timeout: float,
+    workers: int = 0,
 ) -> Outcome:
     """Mutate the copy at ``root``, run its tests (the mutant's own files first, then ``suite``
-    without them), restore it; a kill outside the mutant's own tests is confirmed by re-runs."""
+    without them), restore it; a kill outside the mutant's own tests is confirmed by re-runs
+    of that one test (one xdist worker when ``workers``: the same one thread per process)."""
     t0 = time.perf_counter()
     copy_src = root / "src"
     err = _apply(m, copy_src, pristine)
     if err is not None:
         return Outcome(m.name, "error", err, 0.0)
     path = os.pathsep.join([str(copy_src), str(PROBE)])
-    env = dict(os.environ, PYTHONPATH=path, OMP_WAIT_POLICY="PASSIVE")
+    # A fresh session's environment, even when this runs inside a test under pytest-xdist.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT", "NORMKD_MUTANT"))
+    }
+    env.update(PYTHONPATH=path, OMP_WAIT_POLICY="PASSIVE")
     status, by, again = "survived", "", ("", "")
     try:
         for i, tests in enumerate(_stages(m, suite)):
             skip = SELF_TESTS + (m.tests if i else ())  # own tests: already passed in stage 0
-            kind, detail = _verdict(_pytest(list(tests), root, env, timeout, skip), timeout)
+            run = _pytest(list(tests), root, env, timeout, skip, workers)
+            kind, detail = _verdict(run, timeout)
             if kind != "pass":
                 status, by = ("killed" if kind == "fail" else kind), detail
                 break
         if status == "killed" and not _listed(by, m.tests):
-            again = _verdict(_pytest([by], root, env, timeout, ()), timeout)
+            again = _verdict(_pytest([by], root, env, timeout, (), min(workers, 1)), timeout)
     finally:
         shutil.copy2(pristine / m.file, copy_src / m.file)
     if status == "killed" and not _listed(by, m.tests):
-        clean = _verdict(_pytest([by], root, env, timeout, ()), timeout)
+        clean = _verdict(_pytest([by], root, env, timeout, (), min(workers, 1)), timeout)
         if again[0] == "fail" and clean[0] == "pass":
             by += " (outside its tests: fails again with the mutant, passes without it)"
         else:
             status = "flaky"
-            seen = "passed" if clean[0] == "pass" else f"gave {clean[0]}"
-            by += f" (outside its tests; a re-run with the mutant gave {again[0]}, without {seen})"
+            by += (
+                f" (outside its tests; re-run with the mutant: {again[0]}, without it: {clean[0]})"
+            )
     return Outcome(m.name, status, by, time.perf_counter() - t0)
 
 
@@ -384,6 +409,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="what runs after the mutant's own tests (default: tests, the whole suite)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="pytest-xdist workers per run, as make test (default 2; 0: one plain pytest process)",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore cached results")
     p.add_argument("--cache", type=Path, default=CACHE, help=f"result cache (default: {CACHE})")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
@@ -421,10 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(root / "src", pristine)
         _check_copy(root / "src")
         for i, m in enumerate(chosen, 1):
-            key = _key(m, _stages(m, suite), root)
+            key = _key(m, _stages(m, suite), args.workers, root)
             row = cache.get(key)
             if row is None:
-                o = run_one(m, root, pristine, suite, args.timeout)
+                o = run_one(m, root, pristine, suite, args.timeout, args.workers)
                 with open(args.cache, "a") as fh:
                     fh.write(json.dumps({"key": key, **o.__dict__}) + "\n")
             else:

@@ -84,9 +84,12 @@ def vanilla_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def norm_run(tmp_path_factory, demo_teacher) -> tuple[Path, object]:
-    """A NORM run whose last epoch is NOT its best one (a high constant lr makes the test
-    accuracy swing), so best.pt and last.pt hold different epochs. Asserted here, so the tests
-    using it cannot silently compare a checkpoint with itself."""
+    """A NORM run whose last epoch is NOT its best one, so best.pt and last.pt hold different
+    epochs. By construction, not by a lucky swing: the lr warms up over all 8 epochs to 3.0
+    (gradients clipped, so nothing overflows), so the student learns in the middle epochs and
+    is thrown back near chance by the last. A constant high lr left it to chance: on 2 threads,
+    or without native bf16, that run's best was its last. Asserted here, so the tests using it
+    cannot silently compare a checkpoint with itself."""
     out = tmp_path_factory.mktemp("norm")
     recipe = load_recipe(
         DEMO / "norm.yaml",
@@ -96,9 +99,11 @@ def norm_run(tmp_path_factory, demo_teacher) -> tuple[Path, object]:
             "teacher.model=resnet8",
             f"teacher.weights={demo_teacher}",
             "optim.epochs=8",
-            "optim.lr=0.5",
+            "data.batch_size=16",
+            "optim.lr=3.0",
             "optim.schedule=constant",
-            "optim.warmup_epochs=0",
+            "optim.warmup_epochs=8",
+            "optim.grad_clip=1.0",
         ],
     )
     result = run_recipe(recipe)

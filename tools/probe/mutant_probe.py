@@ -13,10 +13,17 @@ import os
 
 import pytest
 
+_IN_WORKER = False  # a pytest-xdist worker: its reports reach the controller's hooks too
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _IN_WORKER
+    _IN_WORKER = hasattr(config, "workerinput")
+
 
 def _record(nodeid: str, when: str) -> None:
     path = os.environ.get("NORMKD_MUTANT_PROBE")
-    if path:
+    if path and not _IN_WORKER:  # recorded once, by the controller
         with open(path, "a") as fh:
             fh.write(json.dumps({"nodeid": nodeid, "when": when}) + "\n")
 
