@@ -48,6 +48,10 @@ T_LOOP = ("tests/engine/test_loop_wiring.py", "tests/engine/test_trainer.py")
 T_RESUME = ("tests/engine/test_resume_kinds.py", "tests/engine/test_trainer.py")
 T_DDP = ("tests/engine/test_ddp.py",)
 T_API = ("tests/test_api.py", "tests/test_wiring_terms.py")
+T_HANDOFF = ("tests/engine/test_loop_handoff.py",)
+T_DDP_RANKS = (
+    "tests/engine/test_ddp.py::test_two_process_norm_run_with_ft_batchnorm_deploys_the_merged_student",
+)
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ distiller.py
@@ -590,6 +594,80 @@ MUTANTS: list[Mutant] = [
         "expand_as(segments)) * n",
         "expand_as(segments))",
         ("tests/test_norm.py",),
+    ),
+    # ------------------------------------------------------------------ the weak classes of an
+    # independent mutation round: each mutant below is killed by the test written for its class
+    Mutant(
+        "loop-step-epoch-zero",
+        LP,
+        "the loop hands every step epoch 0 (per-epoch weights frozen at their start)",
+        "out = train_step(job, x, y, idx, epoch, lr)",
+        "out = train_step(job, x, y, idx, 0, lr)",
+        T_HANDOFF,
+    ),
+    Mutant(
+        "loop-lr-epoch-start",
+        LP,
+        "every step of an epoch gets the epoch's first lr (per-step warm-up lost)",
+        "lr = job.lr(epoch, step, steps)",
+        "lr = job.lr(epoch, 0, steps)",
+        T_HANDOFF,
+    ),
+    Mutant(
+        "loop-no-sampler-epoch",
+        LP,
+        "folder / ImageNet DataLoaders never reshuffled (their sampler's set_epoch not called)",
+        "        loader.sampler.set_epoch(epoch)",
+        "        pass",
+        T_HANDOFF,
+    ),
+    Mutant(
+        "loop-best-on-stale-eval",
+        LP,
+        "an epoch without evaluation takes best.pt over on the figure it carries over",
+        'improved = test["top1"] > best.top1',
+        'improved = test["top1"] >= best.top1',
+        ("tests/engine/test_loop_wiring.py",),
+    ),
+    Mutant(
+        "taps-stages-skip-stem",
+        "normkd/models/taps.py",
+        "the stage taps handed to the terms start at the second stage",
+        "[as_map(maps[s], spec) for s in spec.stages]",
+        "[as_map(maps[s], spec) for s in spec.stages[1:]]",
+        ("tests/losses/test_term_builds.py", *T_TERMS),
+    ),
+    Mutant(
+        "meta-std-is-mean",
+        "normkd/engine/deploy.py",
+        "the deployed model's metadata records the mean as its std",
+        'meta |= {"mean": list(data.mean), "std": list(data.std)}',
+        'meta |= {"mean": list(data.mean), "std": list(data.mean)}',
+        ("tests/engine/test_model_meta.py",),
+    ),
+    Mutant(
+        "build-nesterov-ignored",
+        J,
+        "optim.nesterov from the recipe ignored",
+        "nesterov=cfg.nesterov,",
+        "nesterov=False,",
+        ("tests/test_nondefault_settings.py",),
+    ),
+    Mutant(
+        "digits-split-seed-ignored",
+        DB,
+        "data.split_seed ignored for digits (always split 0)",
+        "split = load_digits_split(seed=cfg.split_seed, n_train=cfg.n_train)",
+        "split = load_digits_split(seed=0, n_train=cfg.n_train)",
+        ("tests/test_nondefault_settings.py",),
+    ),
+    Mutant(
+        "dist-reduce-to-rank0",
+        RT,
+        "epoch sums reduced to rank 0 only: the other ranks go on with their own figures",
+        "        dist.all_reduce(t)\n",
+        "        dist.reduce(t, dst=0)\n",
+        T_DDP_RANKS,
     ),
     # ------------------------------------------------------------------ NORM's merge and speed path
     Mutant(

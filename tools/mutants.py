@@ -385,7 +385,9 @@ def check(mutants: list[Mutant]) -> list[str]:
         for m in mutants:
             (Path(tmp) / m.file).parent.mkdir(parents=True, exist_ok=True)
             err = _apply(m, Path(tmp))
-            missing = [t for t in m.tests if not (REPO / t).exists() or t in SELF_TESTS]
+            missing = [
+                t for t in m.tests if not (REPO / t.split("::")[0]).exists() or t in SELF_TESTS
+            ]
             if not m.tests or missing:
                 err = (err + "\n" if err else "") + (
                     f"mutant {m.name!r}: its tests {list(m.tests)} must name existing test files "
