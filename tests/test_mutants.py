@@ -88,6 +88,7 @@ SUM = "    return a + b\n"
 CASES = {
     "survived": ('"""A reworded toy module."""', ("tests/test_add.py",), ("tests/test_ones.py",)),
     "killed": ("    return a - b\n", ("tests/test_add.py",), ("tests/test_ones.py",)),
+    "node": ("    return a - b\n", ("tests/test_add.py::test_add",), ()),
     "offlist": ("    return a + b + (a == 1)\n", ("tests/test_add.py",), ("tests/test_ones.py",)),
     "flaky": ('"""A reworded toy module."""', ("tests/test_add.py",), ("tests/test_broken.py",)),
     "import": ('"""A toy."""\nraise ImportError("no")', ("tests/test_add.py",), ()),
@@ -104,6 +105,7 @@ FLAKY = "tests/test_broken.py::test_always_fails (outside its tests; re-run with
         ("survived", 0, "survived", ""),
         ("killed", 0, "killed", "tests/test_add.py::test_add"),
         ("killed", 2, "killed", "tests/test_add.py::test_add"),  # xdist's -x exits 2
+        ("node", 0, "killed", "tests/test_add.py::test_add"),  # its tests: a node id
         ("offlist", 0, "killed", "tests/test_ones.py::test_ones (outside its tests: fails again"),
         ("flaky", 0, "flaky", FLAKY + ", without it: fail)"),
         ("import", 0, "error", "no verdict (pytest exit 2): tests/test_add.py errored in collect"),
@@ -124,6 +126,7 @@ def test_outcomes_are_told_apart(
         m, root, pristine, suite, timeout=5.0 if case == "hang" else 120.0, workers=workers
     )
     assert (out.status, out.by[: len(by)]) == (status, by), out
+    assert case not in ("killed", "node") or out.by == by  # its own test: no re-runs
     assert (root / "src" / "toy.py").read_text() == TOY  # restored
 
 

@@ -253,9 +253,10 @@ def _verdict(run: tuple[int, list[dict], str] | None, timeout: float) -> tuple[s
 
 
 def _listed(node: str, tests: tuple[str, ...]) -> bool:
-    """Whether test ``node`` lies in one of the mutant's own test files or folders."""
-    path = node.split("::")[0]
-    return any(path == t.rstrip("/") or path.startswith(t.rstrip("/") + "/") for t in tests)
+    """Whether test ``node`` is one of the mutant's own tests: in a listed folder or file, or a
+    listed node id (a parametrised one's every case)."""
+    heads = [t.rstrip("/") for t in tests]
+    return any(node == h or node.startswith((h + "/", h + "::", h + "[")) for h in heads)
 
 
 def _stages(m: Mutant, suite: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
