@@ -2,8 +2,10 @@
 
 Each mutant is a named, semantic bug (one text replacement in one source file: a dropped weight, an
 ignored setting, a skipped call). For each, a copy of ``src/`` is mutated and the tests run against
-it (``PYTHONPATH`` puts the copy first; subprocesses inherit it). The mutant's own test files run
-first, then the rest of the suite (unless --quick), stopping at the first failure. Outcomes:
+it (``PYTHONPATH`` puts the copy first; subprocesses inherit it), as ``make test`` runs them
+(--workers pytest-xdist workers, one thread each; 0: one plain pytest process). The mutant's own
+test files run first, then the rest of the suite (unless --quick), stopping at the first
+failure. Outcomes:
 
 * **killed**: a test *failed* (pytest exit 1, the failure in the test's call phase, not in its
   setup). A failing test outside the mutant's own ``tests`` is re-run by node id, once with the
@@ -28,10 +30,12 @@ re-wrapping a call, a block re-indented) keeps a mutant valid; rewording it does
     python tools/mutants.py --list          # names and files
     python tools/mutants.py --check         # every mutant applies exactly once and compiles
     python tools/mutants.py --quick         # only each mutant's own test files (no full run)
+    python tools/mutants.py --only NAME --suite PATH...  # own tests, then PATH... (not all)
 
 Killed mutants stop at the first failing test (``-x``), so a full run costs roughly
 (survivors x one suite) + (killed x seconds). Results are cached in ``.mutants-cache.jsonl`` by
-mutant, its tests and source text, so an interrupted run resumes; --fresh ignores the cache.
+mutant, its tests, the workers and the source text, so an interrupted run resumes; --fresh
+ignores the cache, --cache names another file.
 """
 
 from __future__ import annotations
