@@ -4,7 +4,8 @@
     python examples/python_api.py --data DIR --teacher-weights teacher.pth
 
 Without --teacher-weights the teacher (a torchvision ResNet-18) is first trained on the same data
-with method="vanilla", so the script runs end to end on any image folder. The distilled student
+with method="vanilla", so the script runs end to end on any image folder. --seed fixes the models'
+initial weights and the runs' data order: the same seed gives the same result. The distilled student
 comes back merged (its own architecture, FT folded into the classifier) and is saved to
 OUT/student.pt; the run directory holds metrics.csv, checkpoints and summary.json.
 """
@@ -55,13 +56,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/python_api"))
     p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     args = p.parse_args()
+    torch.manual_seed(args.seed)  # the torchvision models below draw their initial weights now
 
     train, val, num_classes = loaders(args.data, args.image_size, args.batch_size, args.workers)
     run = {
         "out_dir": args.out,
         "device": args.device,
         "lr": args.lr,
+        "seed": args.seed,
         "overwrite": True,
         "quiet": True,
     }

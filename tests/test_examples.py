@@ -57,10 +57,14 @@ def test_folder_distill_sh(tmp_path, image_folder):
 
 
 def test_python_api_py(tmp_path, write_images):
+    """Deterministic and not by a lucky seed. The example seeds its models (--seed, default 0);
+    unseeded, its teacher trained for 6 tiny epochs ended, about once in ten runs, at 5 of 14
+    validation images (35.7%) and distill's chance check (50% for 3 classes) refused it, as it
+    should. 10 epochs: 100% for each of seeds 1-7 (seed 2 had that 35.7% at 6)."""
     data = write_images(tmp_path / "images", per_class=24)
     out_dir = tmp_path / "out"
     args = ["--data", str(data), "--out", str(out_dir), "--image-size", "32", "--lr", "0.02"]
-    args += ["--epochs", "1", "--teacher-epochs", "6", "--batch-size", "8", "--workers", "0"]
+    args += ["--epochs", "1", "--teacher-epochs", "10", "--batch-size", "8", "--workers", "0"]
     out = _run([sys.executable, str(EXAMPLES / "python_api.py"), *args, "--device", "cpu"], _env())
     assert "teacher: top-1" in out and "student: best top-1" in out
     assert (out_dir / "distill_norm_kd" / "metrics.csv").is_file()

@@ -1,8 +1,19 @@
-"""The named mutants of ``make mutants``: one semantic bug each, as an exact text replacement.
+"""The named mutants of ``make mutants``: one semantic bug each, as a text replacement.
 
-``file`` is relative to src/; ``old`` must occur exactly once in it. ``tests`` run first (the
-likely killers); the rest of the suite follows unless --quick. ``equivalent`` explains a mutant
-the suite cannot tell apart from the original (and why that is acceptable).
+``file`` is relative to src/; ``old`` must name exactly one place in it, matched ignoring
+whitespace and line breaks (``tools/mutants.py``, ``pattern``), so reformatting the code keeps the
+mutant valid. An ``old`` that starts with indentation matches a whole line start at any
+indentation, and ``new``'s lines are re-indented to match. ``tests`` run first (the likely
+killers; a kill by any other test must be confirmed by re-runs); the rest of the suite follows
+unless --quick. ``equivalent`` explains a mutant the suite cannot tell apart from the original (and
+why that is acceptable); ``equivalent-docstring`` is one on purpose, the canary that proves a
+survivor is reported.
+
+Rewording the code an ``old`` names breaks ``tests/test_mutants.py``, whose message names the
+mutant, the file and the nearest line now, and the command that checks the updated mutant. The
+source carries no ``# mutant:`` marker comments: about ninety of them in some thirty files would
+be read far more often than they would help, a marker warns but keeps no anchor valid, and the
+test's message already says what to update and how.
 """
 
 from __future__ import annotations
@@ -12,6 +23,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Mutant:
+    """One named bug: replace ``old`` by ``new`` in ``src/<file>``; ``tests`` should kill it."""
+
     name: str
     file: str
     what: str
@@ -35,6 +48,10 @@ T_LOOP = ("tests/engine/test_loop_wiring.py", "tests/engine/test_trainer.py")
 T_RESUME = ("tests/engine/test_resume_kinds.py", "tests/engine/test_trainer.py")
 T_DDP = ("tests/engine/test_ddp.py",)
 T_API = ("tests/test_api.py", "tests/test_wiring_terms.py")
+T_HANDOFF = ("tests/engine/test_loop_handoff.py",)
+T_DDP_RANKS = (
+    "tests/engine/test_ddp.py::test_two_process_norm_run_with_ft_batchnorm_deploys_the_merged_student",
+)
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ distiller.py
@@ -342,7 +359,7 @@ MUTANTS: list[Mutant] = [
         "resume forgets the best accuracy so far",
         'return state["epoch"], Best(state["best_top1"], state["best_epoch"])',
         'return state["epoch"], Best()',
-        T_RESUME,
+        ("tests/engine/test_loop_wiring.py", *T_RESUME),
     ),
     Mutant(
         "loop-ckpt-epoch",
@@ -407,7 +424,7 @@ MUTANTS: list[Mutant] = [
         "metrics.csv keeps rows of epochs redone after resume",
         "if len(rows) == epochs or len(fields) > MAX_COLUMNS:",
         "if len(fields) > MAX_COLUMNS:",
-        T_RESUME,
+        ("tests/engine/test_loop_wiring.py", *T_RESUME),
     ),
     Mutant(
         "dist-no-allreduce",
@@ -577,6 +594,170 @@ MUTANTS: list[Mutant] = [
         "expand_as(segments)) * n",
         "expand_as(segments))",
         ("tests/test_norm.py",),
+    ),
+    # ------------------------------------------------------------------ the weak classes of an
+    # independent mutation round: each mutant below is killed by the test written for its class
+    Mutant(
+        "loop-step-epoch-zero",
+        LP,
+        "the loop hands every step epoch 0 (per-epoch weights frozen at their start)",
+        "out = train_step(job, x, y, idx, epoch, lr)",
+        "out = train_step(job, x, y, idx, 0, lr)",
+        T_HANDOFF,
+    ),
+    Mutant(
+        "loop-lr-epoch-start",
+        LP,
+        "every step of an epoch gets the epoch's first lr (per-step warm-up lost)",
+        "lr = job.lr(epoch, step, steps)",
+        "lr = job.lr(epoch, 0, steps)",
+        T_HANDOFF,
+    ),
+    Mutant(
+        "loop-no-sampler-epoch",
+        LP,
+        "folder / ImageNet DataLoaders never reshuffled (their sampler's set_epoch not called)",
+        "        loader.sampler.set_epoch(epoch)",
+        "        pass",
+        T_HANDOFF,
+    ),
+    Mutant(
+        "loop-best-on-stale-eval",
+        LP,
+        "an epoch without evaluation takes best.pt over on the figure it carries over",
+        'improved = test["top1"] > best.top1',
+        'improved = test["top1"] >= best.top1',
+        ("tests/engine/test_loop_wiring.py",),
+    ),
+    Mutant(
+        "taps-stages-skip-stem",
+        "normkd/models/taps.py",
+        "the stage taps handed to the terms start at the second stage",
+        "[as_map(maps[s], spec) for s in spec.stages]",
+        "[as_map(maps[s], spec) for s in spec.stages[1:]]",
+        ("tests/losses/test_term_builds.py", *T_TERMS),
+    ),
+    Mutant(
+        "meta-std-is-mean",
+        "normkd/engine/deploy.py",
+        "the deployed model's metadata records the mean as its std",
+        'meta |= {"mean": list(data.mean), "std": list(data.std)}',
+        'meta |= {"mean": list(data.mean), "std": list(data.mean)}',
+        ("tests/engine/test_model_meta.py",),
+    ),
+    Mutant(
+        "build-nesterov-ignored",
+        J,
+        "optim.nesterov from the recipe ignored",
+        "nesterov=cfg.nesterov,",
+        "nesterov=False,",
+        ("tests/test_nondefault_settings.py",),
+    ),
+    Mutant(
+        "digits-split-seed-ignored",
+        DB,
+        "data.split_seed ignored for digits (always split 0)",
+        "split = load_digits_split(seed=cfg.split_seed, n_train=cfg.n_train)",
+        "split = load_digits_split(seed=0, n_train=cfg.n_train)",
+        ("tests/test_nondefault_settings.py",),
+    ),
+    Mutant(
+        "dist-reduce-to-rank0",
+        RT,
+        "epoch sums reduced to rank 0 only: the other ranks go on with their own figures",
+        "        dist.all_reduce(t)\n",
+        "        dist.reduce(t, dst=0)\n",
+        T_DDP_RANKS,
+    ),
+    # ------------------------------------------------------------------ NORM's merge and speed path
+    Mutant(
+        "merge-weight-transposed",
+        "normkd/norm/paper.py",
+        "the merged classifier weight uses FT's affine map transposed",
+        "fc.weight.copy_((w @ a).view_as(fc.weight))",
+        "fc.weight.copy_((w @ a.T).view_as(fc.weight))",
+        ("tests/test_norm.py",),
+    ),
+    Mutant(
+        "merge-bn-scale-dropped",
+        "normkd/norm/paper.py",
+        "FT's BatchNorm scale left out of the merged weight (its shift kept)",
+        "w = s[:, None] * w",
+        "w = w",
+        ("tests/test_norm.py",),
+    ),
+    Mutant(
+        "merge-no-residual",
+        "normkd/norm/paper.py",
+        "FT's residual connection left out of the merge",
+        "a = a + torch.eye(a.shape[0], dtype=a.dtype, device=a.device)",
+        "a = a",
+        ("tests/test_norm.py",),
+    ),
+    Mutant(
+        "factored-segments-interleaved",
+        "normkd/norm/factored.py",
+        "factored loss sums interleaved channels, not the N consecutive segments",
+        "a_sum = f.weight.view(n, ct, cs).sum(0)",
+        "a_sum = f.weight.view(ct, n, cs).sum(1)",
+        ("tests/test_norm_factored.py",),
+    ),
+    Mutant(
+        "factored-cross-once",
+        "normkd/norm/factored.py",
+        "factored loss counts the cross term once, not twice",
+        "total = f.sq_sum - 2 * cross + n * t_rows.square().sum()",
+        "total = f.sq_sum - cross + n * t_rows.square().sum()",
+        ("tests/test_norm_factored.py",),
+    ),
+    Mutant(
+        "factored-running-var-biased",
+        "normkd/norm/factored.py",
+        "factored FT's BatchNorm keeps the biased batch variance as running variance",
+        "unbiased = var.detach() * (count / (count - 1))",
+        "unbiased = var.detach()",
+        ("tests/test_norm_factored.py",),
+    ),
+    # ------------------------------------------------------------------ precision
+    Mutant(
+        "logits-student-bf16",
+        D,
+        "the terms read the student's bf16 logits under autocast (no fp32 read)",
+        "s_taps.logits = _at_least_fp32(logits)",
+        "s_taps.logits = logits",
+        ("tests/losses/test_bf16_logits.py",),
+    ),
+    Mutant(
+        "logits-teacher-bf16",
+        D,
+        "the terms read the teacher's bf16 logits under autocast (no fp32 read)",
+        "t_taps.logits = _at_least_fp32(t_taps.logits)",
+        "t_taps.logits = t_taps.logits",
+        ("tests/losses/test_bf16_logits.py",),
+    ),
+    Mutant(
+        "amp-auto-unresolved",
+        RT,
+        "engine.amp: auto never resolved (autocast reads it as fp16)",
+        "self.amp = resolve_amp(self.amp, self.device)",
+        "self.amp = self.amp",
+        ("tests/engine/test_runtime.py",),
+    ),
+    Mutant(
+        "amp-auto-emulated-bf16",
+        RT,
+        "amp auto takes bf16 on a GPU that only emulates it",
+        "return torch.cuda.is_bf16_supported(including_emulation=False)",
+        "return torch.cuda.is_bf16_supported()",
+        ("tests/engine/test_runtime.py",),
+    ),
+    Mutant(
+        "amp-auto-amx-ignored",
+        RT,
+        "amp auto stays fp32 on an AMX CPU without AVX512-BF16",
+        "return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()",
+        "return torch.cpu._is_avx512_bf16_supported()",
+        ("tests/engine/test_runtime.py",),
     ),
     # ------------------------------------------------------------------ config.py
     Mutant(
@@ -748,5 +929,16 @@ MUTANTS: list[Mutant] = [
         'if setting != "kind" and value is not None:',
         'if setting not in ("kind", "weight") and value is not None:',
         T_API,
+    ),
+    # ------------------------------------------------------------------ the canary
+    Mutant(
+        "equivalent-docstring",
+        "normkd/stats.py",
+        "a module docstring reworded (no behaviour changes)",
+        "Standard library only (no scipy at run time).",
+        "Standard library only: SciPy is not needed to run it.",
+        ("tests/test_stats.py",),
+        equivalent="a docstring is no behaviour, so every test passes: the canary that proves a "
+        "survivor is reported (tests/test_mutants.py runs it against its own test file)",
     ),
 ]

@@ -91,6 +91,31 @@ def _launch(nproc: int, out: Path, teacher: Path, *extra: str, epochs: int = 3):
 
 def _torchrun(nproc: int, out: Path, *args: str, recipe: str = "norm_kd.yaml"):
     """``torchrun -m normkd distill DEMO/recipe --out-dir OUT --quiet ARGS`` in its own session."""
+    return _torchrun_target(
+        nproc,
+        ["-m", "normkd", "distill", str(DEMO / recipe), "--out-dir", str(out), "--quiet"],
+        args,
+    )
+
+
+# Each rank's own figures: the CLI prints and writes rank 0's only.
+RANK_FIGURES = """
+import json, os, sys
+from pathlib import Path
+from normkd.config import load_recipe
+from normkd.engine import run_recipe
+
+result = run_recipe(load_recipe(sys.argv[1], sys.argv[3:]))
+keep = ("epochs", "best_top1", "best_epoch", "final_top1", "final_top5", "ft_top1", "merged_top1")
+figures = {k: getattr(result, k) for k in keep}
+# images_per_s is each rank's own clock
+figures["history"] = [{k: v for k, v in r.items() if k != "images_per_s"} for r in result.history]
+Path(sys.argv[2], f"rank{os.environ['RANK']}.json").write_text(json.dumps(figures))
+"""
+
+
+def _torchrun_target(nproc: int, target: list[str], args: tuple[str, ...] | list[str]):
+    """``torchrun [--nproc_per_node ...] TARGET ARGS`` in its own session."""
     cmd = [
         sys.executable,
         "-m",
@@ -98,13 +123,7 @@ def _torchrun(nproc: int, out: Path, *args: str, recipe: str = "norm_kd.yaml"):
         f"--nproc_per_node={nproc}",
         f"--master_port={_free_port()}",
         "--master_addr=127.0.0.1",
-        "-m",
-        "normkd",
-        "distill",
-        str(DEMO / recipe),
-        "--out-dir",
-        str(out),
-        "--quiet",
+        *target,
         *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -226,29 +245,37 @@ def _folder_sets(root: Path) -> list[str]:
 
 def test_two_process_norm_run_with_ft_batchnorm_deploys_the_merged_student(tmp_path, folder):
     """One 2-process NORM run on an image folder (a DataLoader with a DistributedSampler), FT
-    with BatchNorm, checked twice over:
+    with BatchNorm, started as the CLI starts it (load_recipe, run_recipe) by a script that also
+    keeps each rank's own figures, checked three times over:
 
     - model.safetensors is the plain student (no FT keys) whose logits are merge_ft of the FT
       student restored from last.pt: rank 0 merges what DDP trained, not a copy or the FT model.
     - the reported test accuracy and loss, measured on per-rank shards of the val set and summed
       over ranks, equal a 1-process evaluation on the whole val set.
+    - every rank computed the same figures (epoch means, evaluation, best epoch, merged top-1)
+      as rank 0, which alone writes them: ranks that disagree take different branches.
     """
     root, teacher_file = folder
-    proc = _torchrun(
-        2,
-        tmp_path,
-        *_sets(
-            *_folder_sets(root),
-            "teacher.model=tinycnn",
-            f"teacher.weights={teacher_file}",
-            "student.model=tinycnn",
-            "student.kwargs={width: 8}",
-            "loss.2.bn=true",
-        ),
-    )
+    script = tmp_path / "rank_figures.py"
+    script.write_text(RANK_FIGURES)
+    overrides = [
+        *_folder_sets(root),
+        "teacher.model=tinycnn",
+        f"teacher.weights={teacher_file}",
+        "student.model=tinycnn",
+        "student.kwargs={width: 8}",
+        "loss.2.bn=true",
+        f"engine.out_dir={tmp_path}",
+        "engine.quiet=true",
+    ]
+    target = [str(script), str(DEMO / "norm_kd.yaml"), str(tmp_path)]
+    proc = _torchrun_target(2, target, overrides)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     run = tmp_path / "demo_norm_kd"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["epochs"] == 2 and len(ranks[0]["history"]) == 2
+    assert ranks[1] == ranks[0]
 
     model, meta = load_model_file(run / "model.safetensors")
     fresh = create_model("tinycnn", num_classes=3, width=8)
@@ -280,6 +307,8 @@ def test_two_process_norm_run_with_ft_batchnorm_deploys_the_merged_student(tmp_p
     assert float(last["val_loss"]) == pytest.approx(whole_ft["loss"], rel=1e-5)
     assert summary["final_top1"] == pytest.approx(whole_ft["top1"], abs=1e-9)
     assert summary["merged_top1"] == pytest.approx(whole_model["top1"], abs=1e-9)
+    assert summary["merged_top1"] == ranks[0]["merged_top1"]
+    assert summary["best_top1"] == ranks[0]["best_top1"]
 
 
 def test_sync_bn_on_cpu_is_refused_under_torchrun(tmp_path, teacher):

@@ -84,9 +84,14 @@ def vanilla_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def norm_run(tmp_path_factory, demo_teacher) -> tuple[Path, object]:
-    """A NORM run whose last epoch is NOT its best one (a high constant lr makes the test
-    accuracy swing), so best.pt and last.pt hold different epochs. Asserted here, so the tests
-    using it cannot silently compare a checkpoint with itself."""
+    """A NORM run whose last epoch is NOT its best one, so best.pt and last.pt hold different
+    epochs. By construction, not by a lucky swing: the lr warms up over all 8 epochs to 3.0
+    (gradients clipped, so nothing overflows), so the student learns in the middle epochs and
+    is thrown back near chance by the last. A constant high lr left it to chance: on 2 threads,
+    or without native bf16, that run's best was its last. Evaluated every 2nd epoch, so the
+    epoch after the best one is not evaluated (and must not take over best.pt on the figure it
+    carries over). Asserted here, so the tests using it cannot silently compare a checkpoint
+    with itself."""
     out = tmp_path_factory.mktemp("norm")
     recipe = load_recipe(
         DEMO / "norm.yaml",
@@ -96,9 +101,12 @@ def norm_run(tmp_path_factory, demo_teacher) -> tuple[Path, object]:
             "teacher.model=resnet8",
             f"teacher.weights={demo_teacher}",
             "optim.epochs=8",
-            "optim.lr=0.5",
+            "data.batch_size=16",
+            "optim.lr=3.0",
             "optim.schedule=constant",
-            "optim.warmup_epochs=0",
+            "optim.warmup_epochs=8",
+            "optim.grad_clip=1.0",
+            "engine.eval_every=2",
         ],
     )
     result = run_recipe(recipe)
@@ -233,8 +241,12 @@ def test_evaluation_runs_every_eval_every_epochs_and_at_the_end(vanilla_run):
 def test_best_checkpoint_holds_the_best_epoch_not_the_last(norm_run):
     """best.pt is written only when the best test top-1 improves: in a run whose accuracy falls
     after its best epoch, best.pt holds that epoch and its student scores best_top1, while
-    last.pt holds the final epoch and scores final_top1."""
+    last.pt holds the final epoch and scores final_top1. Evaluated every 2nd epoch, the best is
+    an evaluated epoch: the next one, not evaluated, repeats its figure without improving on it."""
     run_dir, result = norm_run
+    rows = _rows(run_dir)
+    assert result.best_epoch % 2 == 0
+    assert rows[result.best_epoch]["val_top1"] == rows[result.best_epoch - 1]["val_top1"]
     best = load_checkpoint(run_dir / "best.pt")
     last = load_checkpoint(run_dir / "last.pt")
     assert best["epoch"] == result.best_epoch  # both count epochs from 1
