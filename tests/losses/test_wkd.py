@@ -304,3 +304,15 @@ def test_norm_wkd_l_recipe_is_norm_plus_the_wkd_l_recipes_term(pair, tmp_path, r
     if pair == "resnet20__resnet8":  # (the other pair's recipes all dry-run in test_recipes.py)
         printed = recipe_dry_run(folder / "norm_wkd_l.yaml", tmp_path)
         assert "wkd_l=" in printed and "norm=" in printed
+
+
+def test_a_grid_with_one_pixel_cells_is_refused_with_the_grid_that_fits():
+    """The unbiased variance of a one-pixel cell is NaN: a run would stop at its first step and
+    blame the learning rate. The term refuses it when built and says which grid fits."""
+    with pytest.raises(ValueError, match=r"grid 4 splits the 2x2 maps .* use grid <= 1"):
+        WKDFeatureLoss((8, 2, 2), (16, 2, 2), grid=4)
+    with pytest.raises(ValueError, match=r"grid 3 splits the 3x3 maps .* use grid <= 2"):
+        WKDFeatureLoss((8, 3, 3), (16, 3, 3), grid=3)
+    ok = WKDFeatureLoss((8, 7, 7), (16, 7, 7), grid=4)  # ImageNet's 7x7 maps, the default grid
+    mu, sd = mean_std(torch.randn(2, 16, 7, 7), grid=4)
+    assert ok.grid == 4 and torch.isfinite(sd).all() and mu.shape == (2, 16, 4, 4)

@@ -288,6 +288,21 @@ def _cells(size: int, grid: int) -> list[tuple[int, int]]:
     return [((i * size) // grid, -((-(i + 1) * size) // grid)) for i in range(grid)]
 
 
+def _check_grid(shape: tuple[int, ...], grid: int) -> None:
+    """Refuse a grid whose cells hold one pixel (an unbiased variance of one value is NaN)."""
+    h, w = shape[-2], shape[-1]
+
+    def smallest(g: int) -> int:
+        return min(b - a for a, b in _cells(h, g)) * min(b - a for a, b in _cells(w, g))
+
+    if smallest(grid) < 2:
+        fits = max((g for g in range(1, grid) if smallest(g) >= 2), default=None)
+        raise ValueError(
+            f"grid {grid} splits the {h}x{w} maps into cells of one pixel, whose variance is "
+            + (f"undefined; use grid <= {fits}" if fits else "undefined; the maps are too small")
+        )
+
+
 def mean_std(
     f: torch.Tensor, grid: int = 1, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,6 +365,7 @@ class WKDFeatureLoss(LossTerm):
         epochs: int = 1,
     ) -> None:
         super().__init__()
+        _check_grid(tuple(t_shape), grid)
         make = hint_regressor if projector == "conv1x1" else bottleneck_projector
         self.projector = make(tuple(s_shape), tuple(t_shape))
         self.ratio, self.grid, self.eps = ratio, grid, eps
