@@ -20,9 +20,13 @@ from normkd.losses.base import StepState, Taps
 from normkd.models.taps import get_module, get_taps
 from support import build_job
 
+# Settings a term's defaults do not fit digits' 8x8 images with (WKD-F's ImageNet grid of 4 would
+# split resnet8's 2x2 maps into one-pixel cells, which the term refuses).
+FIT_DIGITS = {"wkd_f": {"grid": 1}}
+
 
 def _job(kind: str):
-    loss = [{"kind": "ce"}] + ([] if kind == "ce" else [{"kind": kind}])
+    loss = [{"kind": "ce"}] + ([] if kind == "ce" else [{"kind": kind, **FIT_DIGITS.get(kind, {})}])
     recipe = recipe_from_dict(
         {
             "name": f"builds_{kind}",
