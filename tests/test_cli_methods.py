@@ -26,7 +26,8 @@ METHODS = [
     for method in (kind, f"norm_{kind}")
     if (DEMO / f"{method}.yaml").is_file()
 ]
-FAST = ["data.n_train=200", "engine.device=cpu", "optim.epochs=1", "teacher.model=resnet8"]
+_TEACHER = "resnet8"
+FAST = ["data.n_train=200", "engine.device=cpu", "optim.epochs=1", f"teacher.model={_TEACHER}"]
 NO_TEACHER = ["teacher.weights=null", "engine.device=cpu"]  # dry runs need no trained teacher
 
 
@@ -65,7 +66,8 @@ def test_each_method_distils_through_the_cli_and_deploys_the_plain_student(metho
     with open(run / "metrics.csv") as fh:
         row = next(csv.DictReader(fh))
     # Each term is logged as a finite number; a distillation term that is 0 was not applied.
-    for term in ["ce", *method.split("_")]:
+    recipe = load_recipe(DEMO / f"{method}.yaml", [f"teacher.model={_TEACHER}"])
+    for term in (t.kind for t in recipe.loss):
         assert math.isfinite(float(row[term])), (term, row[term])
         assert term == "ce" or float(row[term]) != 0.0, (term, row[term])
     model, meta = load_model_file(run / "model.safetensors")
@@ -73,9 +75,11 @@ def test_each_method_distils_through_the_cli_and_deploys_the_plain_student(metho
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
     assert set(load_file(run / "model.safetensors")) == set(plain.state_dict())
     assert meta.get("merged_from_ft", False) == method.startswith("norm")
-    # Term state (regressors, embeddings, memory banks) lives in the checkpoint, not the model.
+    # Term state (regressors, embeddings, memory banks, fusion modules) lives in the checkpoint,
+    # not the model: exactly the state the run's terms hold when they are built.
     ckpt = load_checkpoint(run / "last.pt")["distiller"]
-    assert any(k.startswith("terms.") for k in ckpt) == (method in {"fitnet", "crd", "norm_crd"})
+    terms = build_job(recipe, untrained_teacher=True).distiller.terms.state_dict()
+    assert {k for k in ckpt if k.startswith("terms.")} == {f"terms.{k}" for k in terms}
 
 
 @pytest.mark.parametrize("method", ["fitnet", "crd", "norm_crd"])
