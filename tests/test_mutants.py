@@ -185,3 +185,12 @@ def test_a_stale_mutant_names_itself_its_file_the_nearest_line_and_the_fix(
     assert "matches 2 places (src/normkd/losses/dkd.py lines [1, 2])" in tool.stale_message(
         m, both, tool.mutate(both, m)[1]
     )
+
+
+def test_the_copy_under_test_holds_every_tracked_top_level_entry(tool: ModuleType) -> None:
+    """A file a test reads (docs/architecture.md, README.md) missing from the mutated copy fails
+    that test's collection in every mutant run, so each survivor would read 'error' instead."""
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert {f.split("/")[0] for f in files} <= set(tool.SNAPSHOT)

@@ -82,7 +82,10 @@ class Outcome:
 
 
 # What a run copies: the tests run in the copy, so editing the checkout meanwhile is harmless.
-SNAPSHOT = ("src", "tests", "benchmarks", "examples", "tools", "configs", "pyproject.toml")
+# Every tracked top-level entry (tests read docs/, README.md, LICENSE, ...): a file a test reads
+# but the copy lacks would fail that test's collection in every mutant run and hide survivors.
+SNAPSHOT = (".ci", "LICENSE", "Makefile", "README.md", "benchmarks", "configs", "docs", "examples",
+            "pyproject.toml", "requirements.lock", "src", "tests", "tools")  # fmt: skip
 
 
 def snapshot(dest: Path) -> Path:
@@ -328,7 +331,8 @@ def _cached(path: Path) -> dict[str, dict]:
             row = json.loads(line)
         except ValueError:
             continue
-        out[row["key"]] = row
+        if row.get("status") != "error":  # no verdict (a broken copy, a crash): ask again
+            out[row["key"]] = row
     return out
 
 
