@@ -84,8 +84,8 @@ class Outcome:
 # What a run copies: the tests run in the copy, so editing the checkout meanwhile is harmless.
 # Every tracked top-level entry (tests read docs/, README.md, LICENSE, ...): a file a test reads
 # but the copy lacks would fail that test's collection in every mutant run and hide survivors.
-SNAPSHOT = (".ci", "LICENSE", "Makefile", "README.md", "benchmarks", "configs", "docs", "examples",
-            "pyproject.toml", "requirements.lock", "src", "tests", "tools")  # fmt: skip
+SNAPSHOT = (".ci", ".gitignore", "LICENSE", "Makefile", "README.md", "benchmarks", "configs",
+            "docs", "examples", "pyproject.toml", "requirements.lock", "src", "tests", "tools")  # fmt: skip
 
 
 def snapshot(dest: Path) -> Path:
