@@ -10,8 +10,10 @@ points; the only engine internals used live in :func:`_restore` below.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ import normkd
 from normkd.cli import main
 from normkd.config import Recipe, load_recipe
 from normkd.engine import evaluate, run_recipe
-from normkd.engine.checkpoint import load_checkpoint, load_model_file
+from normkd.engine.checkpoint import load_checkpoint, load_model_file, save_checkpoint
 from normkd.engine.schedule import lr_at
 from normkd.models import create_model
 from normkd.norm import FTStudent, merge_ft
@@ -134,6 +136,24 @@ def test_resume_carries_the_best_so_far_and_drops_rows_it_redoes(norm_run, tmp_p
     rows = _rows(part)
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))  # counted from 1
     assert [r["best_top1"] for r in rows] == [r["best_top1"] for r in _rows(run_dir)]
+
+
+def test_a_resumed_run_counts_the_seconds_its_checkpoint_carries(vanilla_run, tmp_path):
+    """A run's seconds are its whole time: a resume adds what the checkpoint says was spent
+    before (here a checkpoint edited to say 10^6 s), so a table's records of runs that a
+    restart resumed do not count only the part after the restart."""
+    recipe = load_recipe(vanilla_run / "config.yaml", [f"engine.out_dir={tmp_path}"])
+    first = run_recipe(recipe, stop_after_epoch=3)
+    part = tmp_path / vanilla_run.name
+    state = load_checkpoint(part / "last.pt")
+    assert 0 < state["seconds"] <= first.seconds
+    state.pop("format")
+    save_checkpoint(part / "last.pt", state | {"seconds": 1e6})
+    t0 = time.perf_counter()
+    resumed = run_recipe(recipe, resume=True)
+    wall = time.perf_counter() - t0
+    assert 1e6 < resumed.seconds <= 1e6 + wall
+    assert json.loads((part / "summary.json").read_text())["seconds"] == resumed.seconds
 
 
 # ---- 1. reshuffling every epoch -------------------------------------------------------------

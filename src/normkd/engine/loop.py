@@ -115,11 +115,12 @@ def fit(
 ) -> RunResult:
     """Train ``job`` from where ``run`` stands; finish the run when the schedule is complete.
 
-    ``t0``: when the run started (``time.perf_counter()``), so its seconds include the build.
+    ``t0``: when the run started (``time.perf_counter()``), so its seconds include the build. A
+    resumed run's seconds add those its checkpoint carries: a run's time is its whole time.
     """
     t0 = time.perf_counter() if t0 is None else t0
     recipe, rt = job.recipe, job.runtime
-    start, best = _restore(job, run)
+    start, best, before = _restore(job, run)
     last = min(stop_after_epoch or recipe.optim.epochs, recipe.optim.epochs)
     sharded = rt.distributed and not hasattr(job.data.test, "set_epoch")
     history = run.history
@@ -146,7 +147,8 @@ def fit(
             row = {"epoch": done, **stats} | {f"val_{k}": v for k, v in test.items()}
             row["best_top1"] = best.top1
             history.append(row)
-            run.save_epoch(row, stats, test, _state(job, epoch, best), improved)
+            seconds = before + time.perf_counter() - t0
+            run.save_epoch(row, stats, test, _state(job, epoch, best, seconds), improved)
             if not (recipe.engine.quiet or not rt.is_main):
                 logger.info(
                     f"[{recipe.name}] epoch {done}/{recipe.optim.epochs} "
@@ -158,7 +160,7 @@ def fit(
     result = RunResult(
         str(run.path), last, float(best.top1), best.epoch,
         float(final.get("val_top1", 0.0)), float(final.get("val_top5", 0.0)),
-        _params(job), time.perf_counter() - t0, history=history,
+        _params(job), before + time.perf_counter() - t0, history=history,
     )  # fmt: skip
     if last == recipe.optim.epochs:  # a run stopped early on purpose has no deployable model
         _check_gap(job, final, recal)
@@ -322,21 +324,23 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
-def _restore(job: Job, run: RunDir) -> tuple[int, Best]:
-    """(first epoch to train, best so far): from the checkpoint a resume continues, or fresh."""
+def _restore(job: Job, run: RunDir) -> tuple[int, Best, float]:
+    """(first epoch to train, best so far, seconds spent so far): from the checkpoint a resume
+    continues (one written before checkpoints carried seconds counts as 0), or fresh."""
     state = run.state
     if state is None:
-        return 0, Best()
+        return 0, Best(), 0.0
     last = run.path / "last.pt"
     load_state(job.distiller, state["distiller"], last)
     load_state(job.optimizer, state["optimizer"], last)
     if "scaler" in state:
         load_state(job.runtime.scaler, state["scaler"], last)
-    return state["epoch"], Best(state["best_top1"], state["best_epoch"])
+    return state["epoch"], Best(state["best_top1"], state["best_epoch"]), state.get("seconds", 0.0)
 
 
-def _state(job: Job, epoch: int, best: Best) -> dict[str, Any]:
-    """The training state after ``epoch``: what last.pt / best.pt hold."""
+def _state(job: Job, epoch: int, best: Best, seconds: float) -> dict[str, Any]:
+    """The training state after ``epoch``: what last.pt / best.pt hold (``seconds``: the run's
+    time so far, which a resume carries on from)."""
     return {
         "epoch": epoch + 1,
         "distiller": job.distiller.state_dict(),
@@ -344,6 +348,7 @@ def _state(job: Job, epoch: int, best: Best) -> dict[str, Any]:
         "scaler": job.runtime.scaler.state_dict(),
         "best_top1": best.top1,
         "best_epoch": best.epoch,
+        "seconds": float(seconds),
         "recipe": recipe_to_dict(job.recipe),
     }
 
