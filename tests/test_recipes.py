@@ -59,6 +59,20 @@ CIFAR_DKD_BETA = {
     ("wrn_40_2", "wrn_16_2"): 6.0,
     ("wrn_40_2", "wrn_40_1"): 6.0,
 }
+# LSKD (base temperature, KD weight) per pair: the logit-standardization-KD README's log names
+# ("kd,<teacher>,<student>,T,w.txt"); pairs without a published LSKD figure have no lskd.yaml.
+CIFAR_LSKD = {
+    ("resnet32x4", "resnet8x4"): (2.0, 9.0),
+    ("vgg13", "vgg8"): (3.0, 9.0),
+    ("wrn_40_2", "wrn_40_1"): (2.0, 9.0),
+    ("wrn_40_2", "wrn_16_2"): (2.0, 9.0),
+    ("resnet56", "resnet20"): (2.0, 9.0),
+    ("resnet110", "resnet32"): (2.0, 9.0),
+    ("resnet32x4", "ShuffleV2"): (2.0, 9.0),
+    ("vgg13", "MobileNetV2"): (3.0, 9.0),
+    ("ResNet50", "MobileNetV2"): (3.0, 1.0),
+    ("resnet20", "resnet8"): (2.0, 9.0),  # normkd's own pair: the authors' default flags
+}
 
 IMAGENET = CONFIGS / "imagenet"
 IMAGENET_PAIRS = {
@@ -212,6 +226,12 @@ def test_cifar_pair_settings(d: Path) -> None:
     at = _terms(r["at"])
     assert set(at) == {"ce", "at"} and (at["at"].weight, at["at"].p) == (1000.0, 2.0)
     _check_crd_dkd(r, alpha=1.0, beta=CIFAR_DKD_BETA.get((teacher, student), 8.0), t=4.0, warmup=20)
+    assert ("lskd" in r) == ((teacher, student) in CIFAR_LSKD)
+    if "lskd" in r:  # the authors' --logit-stand flags on mdistiller's KD (CE 0.1 unchanged)
+        lskd = _terms(r["lskd"])
+        assert set(lskd) == {"ce", "lskd"} and lskd["ce"].weight == 0.1
+        assert (lskd["lskd"].temperature, lskd["lskd"].weight) == CIFAR_LSKD[(teacher, student)]
+        assert not r["lskd"].logit_standardization.enabled  # the term z-scores; nothing else
     authors = r["norm_authors"]
     assert authors.logit_standardization.enabled and authors.logit_standardization.scale == 2.5
     assert set(_terms(authors)) == {"ce", "norm"}  # alpha = 0 in the authors' scripts
