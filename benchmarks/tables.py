@@ -155,9 +155,20 @@ def build(names: Sequence[str] | None = None) -> None:
         comp = build_table(folder, list(spec.methods))
         path = RESULTS / f"{spec.report}.md"
         write_table(comp, path)
-        if comp.runs.get("wkd_l"):
-            atomic_write_text(path, path.read_text() + _wkd_note())
+        notes = _TIME_NOTE + (_wkd_note() if comp.runs.get("wkd_l") else "")
+        atomic_write_text(path, path.read_text() + notes)
     trend()
+
+
+# Why "min / run" is no speed figure, and which records undercount it (resumed before de8d3f7,
+# when a resume started the run's clock again; the workers' logs name them).
+_TIME_NOTE = (
+    "\nmin / run: the wall-clock minutes each record holds, on 2 cores shared by two 1-thread "
+    "table workers (and at times by tests), so they vary by 2-3x with the load; what a step costs "
+    "is measured in [methods.md](methods.md). A record made at a commit before de8d3f7 counts a "
+    "resumed run's time from its last resume only, so where a worker restart resumed a run its "
+    "minutes are a lower bound.\n"
+)
 
 
 def _wkd_note() -> str:
