@@ -350,8 +350,9 @@ def _check_copy(copy_src: Path) -> None:
         sys.exit(f"mutants: the tests would import {where}, not the mutated copy; aborting")
 
 
-def write_report(path: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> None:
-    """Markdown: the score, then every mutant with its fate."""
+def write_report(path: Path, outcomes: list[Outcome], quick: bool, cached: int) -> None:
+    """Markdown: the score, then every mutant with its fate. The time is the verdicts' own (the
+    cache keeps each one's seconds), so a re-run that read them back still says what they took."""
     by_name = {m.name: m for m in MUTANTS}
     killed = sum(o.status == "killed" for o in outcomes)
     equivalent = [o for o in outcomes if o.status == "survived" and by_name[o.name].equivalent]
@@ -366,7 +367,9 @@ def write_report(path: Path, outcomes: list[Outcome], quick: bool, seconds: floa
         + ("then nothing else (--quick)." if quick else "then the rest, to the first failure.")
         + " A kill is a test failing in its call phase; one outside the mutant's own tests "
         "counts only when it fails again with the mutant and passes without (else: flaky). "
-        f"{time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min on this machine (CPU).",
+        f"{time.strftime('%Y-%m-%d')}, {sum(o.seconds for o in outcomes) / 60:.0f} min of pytest "
+        f"runs on this machine (CPU); {cached} of the {len(outcomes)} verdicts read back from an "
+        "earlier invocation's cache (same runner, mutant, test stages and mutated file).",
         "",
         f"**Killed: {killed} / {len(outcomes)} ({100 * killed / max(len(outcomes), 1):.1f}%)**; "
         f"equivalent survivors (explained below): {len(equivalent)}; "
@@ -461,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = () if args.quick else tuple(args.suite)
     cache = {} if args.fresh else _cached(args.cache)
     outcomes: list[Outcome] = []
-    t0 = time.perf_counter()
+    cached = 0
     with tempfile.TemporaryDirectory(prefix="normkd-mutants-") as tmp:
         (Path(tmp) / "tree").mkdir()
         root = snapshot(Path(tmp) / "tree")
@@ -477,13 +480,14 @@ def main(argv: list[str] | None = None) -> int:
                     fh.write(json.dumps({"key": key, **o.__dict__}) + "\n")
             else:
                 o = Outcome(row["name"], row["status"], row["by"], row["seconds"])
+                cached += 1
             outcomes.append(o)
             print(
                 f"[{i}/{len(chosen)}] {o.status:8s} {m.name} ({o.seconds:.0f} s) {o.by}", flush=True
             )
     report = args.report or (None if args.only else REPORT)
     if report is not None:
-        write_report(report, outcomes, args.quick, time.perf_counter() - t0)
+        write_report(report, outcomes, args.quick, cached)
         print(f"report: {report}")
     killed = sum(o.status == "killed" for o in outcomes)
     summary = [f"killed {killed}/{len(outcomes)}"]
