@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import normkd
 from normkd.config import recipe_from_dict
 from normkd.data.build import Data
 from normkd.distiller import Distiller
@@ -113,3 +114,27 @@ def recipe_dry_run(capsys: pytest.CaptureFixture[str]) -> Callable[[Path, Path],
         return capsys.readouterr().out
 
     return run
+
+
+@pytest.fixture
+def norm_combo_recipe(recipe_dry_run) -> Callable[[str, str, Path], None]:
+    """Checks a pair's ``norm_<kind>.yaml``: CE 1, then ``<kind>.yaml``'s term, then
+    ``norm.yaml``'s, nothing standardised; on resnet20 -> resnet8 it also dry-runs (the paper
+    pairs' recipes all dry-run in test_recipes.py)."""
+    from normkd.config import load_recipe
+
+    configs = Path(normkd.__file__).parent / "configs" / "cifar100"
+
+    def check(pair: str, kind: str, tmp_path: Path) -> None:
+        folder = configs / pair
+        combo, alone, norm = (
+            load_recipe(folder / f"{m}.yaml") for m in (f"norm_{kind}", kind, "norm")
+        )
+        assert [t.kind for t in combo.loss] == ["ce", kind, "norm"]
+        assert combo.term(kind) == alone.term(kind) and combo.term("norm") == norm.term("norm")
+        assert combo.term("ce").weight == 1.0 and not combo.logit_standardization.enabled
+        if pair == "resnet20__resnet8":
+            printed = recipe_dry_run(folder / f"norm_{kind}.yaml", tmp_path)
+            assert f"{kind}=" in printed and "norm=" in printed
+
+    return check

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from normkd.config import load_recipe
 from normkd.losses import StepState, Taps
 from normkd.losses.dist import DISTLoss, DISTTerm, dist_parts
-from support import CONFIGS
 
 
 def _pearson(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -65,12 +63,5 @@ def test_norm_plus_dist_trains_through_the_real_assembler(zoo_step, check_grads)
 
 
 @pytest.mark.parametrize("pair", ["resnet20__resnet8", "resnet32x4__resnet8x4"])
-def test_norm_dist_recipe_is_norm_plus_the_dist_recipes_term(pair, tmp_path, recipe_dry_run):
-    folder = CONFIGS / "cifar100" / pair
-    combo, dist, norm = (load_recipe(folder / f"{m}.yaml") for m in ("norm_dist", "dist", "norm"))
-    assert [t.kind for t in combo.loss] == ["ce", "dist", "norm"]
-    assert combo.term("dist") == dist.term("dist") and combo.term("norm") == norm.term("norm")
-    assert combo.term("ce").weight == 1.0 and not combo.logit_standardization.enabled
-    if pair == "resnet20__resnet8":  # (the other pair's recipes all dry-run in test_recipes.py)
-        printed = recipe_dry_run(folder / "norm_dist.yaml", tmp_path)
-        assert "dist=" in printed and "norm=" in printed
+def test_norm_dist_recipe_is_norm_plus_the_dist_recipes_term(pair, tmp_path, norm_combo_recipe):
+    norm_combo_recipe(pair, "dist", tmp_path)
