@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import normkd
 from normkd.config import recipe_from_dict
 from normkd.data.build import Data
 from normkd.distiller import Distiller
@@ -122,8 +121,9 @@ def norm_combo_recipe(recipe_dry_run) -> Callable[[str, str, Path], None]:
     ``norm.yaml``'s, nothing standardised; on resnet20 -> resnet8 it also dry-runs (the paper
     pairs' recipes all dry-run in test_recipes.py)."""
     from normkd.config import load_recipe
+    from support import CONFIGS
 
-    configs = Path(normkd.__file__).parent / "configs" / "cifar100"
+    configs = CONFIGS / "cifar100"
 
     def check(pair: str, kind: str, tmp_path: Path) -> None:
         folder = configs / pair
