@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = {m: _budget(r) for m, r in sweep.recipes.items()}
     students = {r.student.model for r in sweep.recipes.values()}
     wall = time.perf_counter() - t0
-    env = env_line(device)
+    env = env_line(device, after=True)
     load_s = f"{load0:.2f}" if load0 is not None else "?"
 
     final = {m: [r["final"] for r in rs] for m, rs in runs.items()}

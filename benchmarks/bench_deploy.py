@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             flush=True,
         )
-    env = env_line(device)
+    env = env_line(device, after=True)
     batches = list(plan)
 
     size_rows = []

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env0 = env_line(device)
     pair = _pair(name, 512 if args.quick else 50000)
     seconds, flops, params, terms, prec = measure(pair, methods, device, batch, plan)
-    env = env_line(device)
+    env = env_line(device, after=True)
     ratio = median(seconds["norm_kd"]) / median(seconds["kd"])
     text = "\n".join(
         [

@@ -615,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             done()
     for k, v in rates.items():
         print(f"[peer]   {k}: {median(v):.1f} img/s", flush=True)
-    env = env_line(device)
+    env = env_line(device, after=True)
     write_report(
         args.out,
         "peer",

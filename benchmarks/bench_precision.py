@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         body,
         "",
-        env_line(device),
+        env_line(device, after=True),
     ]
     write_report(args.out, name, "\n".join(text))
     return 0

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_points: dict[str, tuple[Path, int | None, int]] = {"kd": (kd, None, batch_at)}
     n_points |= {f"n{n}": (norm_kd, n, batch_at) for n in ns}
     by_n = sweep(n_points, device, warmup, repeats)
-    env = env_line(device)
+    env = env_line(device, after=True)
 
     base_b = batches[0]
     t0 = median(by_batch[f"b{base_b}"])

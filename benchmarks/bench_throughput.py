@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for k, v in results[pair.key].items():
             print(f"[throughput]   {k}: {median(v):.1f} img/s", flush=True)
-    env = env_line(device)
+    env = env_line(device, after=True)
 
     sections = [
         "# Training throughput of one distillation step"

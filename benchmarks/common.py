@@ -71,12 +71,19 @@ def load_avg() -> float | None:
         return None
 
 
-def env_line(device: torch.device) -> str:
-    """The line every table carries: device, torch version, threads, date and load."""
+def env_line(device: torch.device, after: bool = False) -> str:
+    """The line every table carries: device, torch version, threads, date and load.
+
+    ``after``: taken right after the benchmark ran, when the 1-minute load average still holds
+    the benchmark's own CPU threads; those are not counted as someone else's load.
+    """
     load = load_avg()
+    own = torch.get_num_threads() if after and device.type == "cpu" else 0
     load_s = f", load average {load:.2f}" if load is not None else ""
+    if load is not None and own:
+        load_s += f" (up to {own} of it this benchmark's own threads)"
     busy = ""
-    if load is not None and load >= max(1.0, (os.cpu_count() or 1) / 2):
+    if load is not None and load - own >= max(1.0, (os.cpu_count() or 1) / 2):
         busy = " **Busy machine: timings here are not quiet-machine figures.**"
     return (
         f"Device: {device_name(device)}; torch {torch.__version__}; "

@@ -267,3 +267,22 @@ def test_the_committed_reports_are_what_the_committed_records_rebuild(
         rebuilt = tmp_path / f"{spec.report}.md"
         assert rebuilt.is_file(), f"{committed.name}: its records are not in the clone"
         assert rows(rebuilt.read_text()) == rows(committed.read_text()), committed.name
+
+
+def test_the_closing_environment_line_does_not_count_the_benchmarks_own_threads(monkeypatch):
+    """The line after a run holds the run's own threads in the 1-minute load: 2 threads on a
+    2-core machine are not "busy"; the same load before the run (someone else's) is."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.1, 2.0, 2.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu = torch.device("cpu")
+    before, after = common.env_line(cpu), common.env_line(cpu, after=True)
+    assert "Busy machine" in before and "Busy machine" not in after
+    assert "load average 2.10 (up to 2 of it this benchmark's own threads)" in after
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.2, 4.0, 4.0))  # 2 more than its own
+    assert "Busy machine" in common.env_line(cpu, after=True)
