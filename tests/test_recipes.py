@@ -232,6 +232,11 @@ def test_cifar_pair_settings(d: Path) -> None:
         assert set(lskd) == {"ce", "lskd"} and lskd["ce"].weight == 0.1
         assert (lskd["lskd"].temperature, lskd["lskd"].weight) == CIFAR_LSKD[(teacher, student)]
         assert not r["lskd"].logit_standardization.enabled  # the term z-scores; nothing else
+    if "dist" in r:  # the DIST_KD README's one CIFAR-100 setting (dist_cifar.yaml) for every pair
+        dist = _terms(r["dist"])
+        assert set(dist) == {"ce", "dist"} and dist["ce"].weight == 1.0
+        d = dist["dist"]
+        assert (d.weight, d.beta, d.gamma, d.tau) == (2.0, 1.0, 1.0, 4.0)
     authors = r["norm_authors"]
     assert authors.logit_standardization.enabled and authors.logit_standardization.scale == 2.5
     assert set(_terms(authors)) == {"ce", "norm"}  # alpha = 0 in the authors' scripts
