@@ -73,6 +73,25 @@ CIFAR_LSKD = {
     ("ResNet50", "MobileNetV2"): (3.0, 1.0),
     ("resnet20", "resnet8"): (2.0, 9.0),  # normkd's own pair: the authors' default flags
 }
+# ReviewKD (weight, warm-up epochs, first_stage) per pair with a reviewkd.yaml: mdistiller
+# configs/cifar100/reviewkd.yaml (resnet32x4 -> resnet8x4) and the vgg13 -> vgg8 config its
+# maintainer posted in megvii-research/mdistiller issue #23 (REVIEWKD_WEIGHT 5.0 on engine/cfg.py's
+# WARMUP_EPOCHS 20; their IN_CHANNELS list vgg8's stages after the stem); normkd's own pair takes
+# the authors' resnet56 -> resnet20 weight (dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh).
+CIFAR_REVIEWKD = {
+    ("resnet32x4", "resnet8x4"): (5.0, 20, 1),
+    ("vgg13", "vgg8"): (5.0, 20, 1),
+    ("resnet20", "resnet8"): (0.6, 20, 1),
+}
+# WKD per pair with wkd_l.yaml / wkd_l_wkd_f.yaml: JiamingLv/WKD configs/cifar100/wkd_l/<pair>.yaml
+# (gamma = WKD_LOGIT_WEIGHT, T) and configs/cifar100/wkd_lf/<pair>.yaml (gamma, T, WKD_FEAT_WEIGHT,
+# MEAN_COV_RATIO, SPATIAL_GRID); every one: Sinkhorn lambda 0.05, 10 sweeps, sharpen 1, PROJECTOR
+# conv1x1, HINT_LAYER -1, COSINE_DECAY_EPOCH 150.
+CIFAR_WKD = {
+    ("resnet32x4", "resnet8x4"): ((600.0, 8.0), (200.0, 8.0, 0.08, 8.0, 1)),  # res32x4_res8x4
+    ("wrn_40_2", "ShuffleV1"): ((200.0, 6.0), (60.0, 4.0, 0.5, 3.0, 4)),  # wrn40_2_shuv1
+    ("resnet20", "resnet8"): ((600.0, 8.0), (200.0, 8.0, 0.08, 8.0, 1)),  # own pair: res32x4_res8x4
+}
 
 IMAGENET = CONFIGS / "imagenet"
 IMAGENET_PAIRS = {
@@ -246,6 +265,43 @@ def test_cifar_pair_settings(d: Path) -> None:
     assert both.logit_standardization == authors.logit_standardization
     assert _terms(both)["ce"] == _terms(authors)["ce"] and both.term("norm") == authors.term("norm")
     assert set(_terms(both)) == {"ce", "kd", "norm"} and _terms(both)["kd"].temperature == 4.0
+    _check_reviewkd_wkd(d, r)
+
+
+def _check_reviewkd_wkd(d: Path, r: dict[str, Recipe]) -> None:
+    """reviewkd / wkd_l / wkd_l_wkd_f exactly where CIFAR_REVIEWKD / CIFAR_WKD list the pair, with
+    the authors' values; WKD-L keeps the uniform cost and says it is not the published method."""
+    pair = _split(d)
+    assert ("reviewkd" in r) == (pair in CIFAR_REVIEWKD)
+    if "reviewkd" in r:
+        rk = _terms(r["reviewkd"])
+        assert set(rk) == {"ce", "reviewkd"} and rk["ce"].weight == 1.0
+        t = rk["reviewkd"]
+        assert (t.weight, t.warmup, t.first_stage) == CIFAR_REVIEWKD[pair]
+        assert t.teacher_first_stage is None and t.mid_channels is None  # min(512, C), theirs
+    assert ("wkd_l" in r) == ("wkd_l_wkd_f" in r) == (pair in CIFAR_WKD)
+    if pair not in CIFAR_WKD:
+        return
+    (gamma, temp), (gamma_f, temp_f, weight_f, ratio, grid) = CIFAR_WKD[pair]
+    alone, both = _terms(r["wkd_l"]), _terms(r["wkd_l_wkd_f"])
+    assert set(alone) == {"ce", "wkd_l"} and set(both) == {"ce", "wkd_l", "wkd_f"}
+    for method, terms, want in (
+        ("wkd_l", alone, (gamma, temp)),
+        ("wkd_l_wkd_f", both, (gamma_f, temp_f)),
+    ):
+        wl = terms["wkd_l"]
+        assert terms["ce"].weight == wl.weight == 1.0, method
+        assert (wl.gamma, wl.temperature) == want, method
+        assert (wl.sinkhorn_lambda, wl.sinkhorn_iters) == (0.05, 10), method
+        assert (wl.sharpen, wl.decay_from) == (1.0, 150), method
+        assert wl.cost_matrix == "uniform", method  # the published 1 - CKA cost is a user's file
+        text = (d / f"{method}.yaml").read_text()
+        assert "NOT THE PUBLISHED METHOD" in text, method
+        if pair not in OWN_PAIRS:  # the comment names the authors' cost file for this teacher
+            assert f"wkd_cost_matrix/cifar100/{pair[0]}/linear_cka.pth" in text, method
+    f = both["wkd_f"]
+    assert (f.weight, f.ratio, f.grid) == (weight_f, ratio, grid)
+    assert (f.projector, f.decay_from, f.eps) == ("conv1x1", 150, 1e-5)
 
 
 def _check_crd_dkd(r: dict[str, Recipe], alpha: float, beta: float, t: float, warmup: int) -> None:
@@ -322,9 +378,12 @@ DRY_PAIR = CIFAR / "resnet32x4__resnet8x4"
 # authors' variant (about 30 s less than every file); its mixed CNN / ViT pairs, whose other recipes
 # build the same models, NORM+CRD alone.
 MIXED_IMAGENET = {"deit_small__resnet18", "resnet50__deit_tiny"}
+# ReviewKD / WKD build their modules on each pair's own stage shapes: every CIFAR pair's that has one
+FEATURE_METHODS = {"reviewkd", "wkd_l", "wkd_l_wkd_f"}
 DRY_RUNS = sorted(
     set(DRY_PAIR.glob("[!_]*.yaml"))
     | {d / f"{m}.yaml" for d in _pair_dirs(CIFAR) for m in ("norm_crd", "norm_dkd")}
+    | {p for d in _pair_dirs(CIFAR) for p in d.glob("*.yaml") if p.stem in FEATURE_METHODS}
     | set((CIFAR / "teachers").glob("*.yaml"))
     | {
         d / f"{m}.yaml"
