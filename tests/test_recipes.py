@@ -254,8 +254,8 @@ def test_cifar_pair_settings(d: Path) -> None:
     if "dist" in r:  # the DIST_KD README's one CIFAR-100 setting (dist_cifar.yaml) for every pair
         dist = _terms(r["dist"])
         assert set(dist) == {"ce", "dist"} and dist["ce"].weight == 1.0
-        d = dist["dist"]
-        assert (d.weight, d.beta, d.gamma, d.tau) == (2.0, 1.0, 1.0, 4.0)
+        t = dist["dist"]
+        assert (t.weight, t.beta, t.gamma, t.tau) == (2.0, 1.0, 1.0, 4.0)
     authors = r["norm_authors"]
     assert authors.logit_standardization.enabled and authors.logit_standardization.scale == 2.5
     assert set(_terms(authors)) == {"ce", "norm"}  # alpha = 0 in the authors' scripts
@@ -458,3 +458,18 @@ def test_authors_layer3_option_deploys_resnet18_with_its_inner_ft(
     plain = sum(p.numel() for p in create_model("resnet18", num_classes=1000).parameters())
     inner = sum(p.numel() for p in FeatureTransform(256, 256, 8).parameters())
     assert f"student resnet18 ({plain + inner:,} params; FT on its map)" in capsys.readouterr().out
+
+
+def test_every_published_figure_has_the_recipe_a_reproduction_sets_beside_it() -> None:
+    """published.py's figures are only worth carrying where a user can run the method on the pair
+    (resnet110 -> resnet20: the NORM paper's pair normkd ships no folder for)."""
+    from normkd import published
+
+    for root, table in ((CIFAR, published.CIFAR100), (IMAGENET, published.IMAGENET)):
+        for pair, figures in table.items():
+            folder = root / pair
+            if pair == "resnet110__resnet20":
+                assert not folder.exists()
+                continue
+            missing = [m for m in figures if not (folder / f"{m}.yaml").is_file()]
+            assert not missing, f"{pair}: published figures without a recipe: {missing}"
