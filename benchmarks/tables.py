@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,44 +105,25 @@ def run(
     build([name])
 
 
-def wkd_cost(data_root: Path) -> None:
-    """WKD-L's published class costs for the shared teacher: 1 - linear CKA of its last-stage
-    rows per class over the un-augmented training set in dataset order (the authors' CIFAR
-    recipe), saved under the key ``cost``, its provenance in the file's metadata."""
-    import torch
-    from safetensors.torch import save_file
+def wkd_cost(data_root: Path, out: Path = WKD_COST, force: bool = False) -> None:
+    """WKD-L's published class costs for the shared teacher, made by ``normkd wkd-cost`` on the
+    table pair's wkd_l recipe: 1 - linear CKA of its last-stage rows per class over the
+    un-augmented training set in dataset order (the authors' CIFAR recipe), on the CPU in
+    batches of 500; its provenance in the file's metadata. The committed file was made before
+    this, from ``(x / 255 - mean) / std`` (torchvision's arithmetic) where the loader fuses one
+    multiply-add: a remake differs from it by one float32 ulp in about a quarter of its costs."""
+    from normkd.config import load_recipe
+    from normkd.reproduce import CONFIGS
+    from normkd.wkd_cost import make_cost_file
 
-    from normkd.data import load_cifar100
-    from normkd.engine.checkpoint import load_model_file
-    from normkd.losses.wkd import cka_cost_matrix, teacher_class_features
-    from normkd.records import git_commit, machine_line, now, sha256
-
-    t0 = time.perf_counter()
     weights = RUNS / TEACHER_TABLE / "teacher.safetensors"
     if not weights.is_file():
         raise UserError(f"WKD-L's costs come from {TEACHER_TABLE}'s teacher: run that table first")
-    teacher, _ = load_model_file(weights)
-    split = load_cifar100(data_root)
-    mean = torch.tensor(split.mean).view(1, 3, 1, 1)
-    std = torch.tensor(split.std).view(1, 3, 1, 1)
-    batches = (
-        ((split.x_train[i : i + 500].float() / 255 - mean) / std, split.y_train[i : i + 500])
-        for i in range(0, len(split.y_train), 500)
-    )
-    print(f"[tables] WKD-L costs: the teacher's class CKA over {len(split.y_train)} images ...")
-    feats = teacher_class_features(teacher, batches, split.num_classes)
-    cost = cka_cost_matrix(feats).contiguous()
-    note = {  # kept in the file's own metadata: a *.json beside the records would read as one
-        "what": "WKD-L class costs: 1 - linear CKA of the teacher's last-stage rows per class",
-        "teacher_sha256": sha256(weights),
-        "rows_per_class": str(feats.shape[1]),
-        "commit": git_commit(),
-        "machine": machine_line(),
-        "finished": now(),
-        "seconds": f"{time.perf_counter() - t0:.1f}",
-    }
-    atomic_write(WKD_COST, lambda tmp: save_file({"cost": cost}, tmp, metadata=note))
-    print(f"[tables] wrote {WKD_COST} ({note['seconds']} s)")
+    sets = [f"data.root={data_root}", f"teacher.weights={weights}"]
+    sets += ["data.eval_batch_size=500", "engine.device=cpu"]
+    recipe = load_recipe(CONFIGS / TABLES[TEACHER_TABLE].pair / "wkd_l.yaml", sets)
+    made = make_cost_file(recipe, out, "last_stage", force=force)
+    print(f"[tables] wrote {made.path} ({made.seconds:.1f} s)")
 
 
 def build(names: Sequence[str] | None = None) -> None:
@@ -250,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--seeds", type=int, help="seeds (default: the table's)")
     w = sub.add_parser("wkd-cost", help="make WKD-L's class costs from the shared teacher")
     w.add_argument("--data-root", type=Path, required=True, help="folder holding cifar-100-python/")
+    w.add_argument("--out", type=Path, default=WKD_COST, help=f"default: {WKD_COST.name}")
+    w.add_argument("--force", action="store_true", help="replace an existing --out file")
     b = sub.add_parser("build", help="rebuild every table and the trend from the records")
     b.add_argument("tables", nargs="*", metavar="TABLE", help=f"default: all ({', '.join(TABLES)})")
     args = p.parse_args(argv)
@@ -260,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             run(args.table, args.data_root, args.out_dir, args.methods, args.seeds)
         elif args.command == "wkd-cost":
-            wkd_cost(args.data_root)
+            wkd_cost(args.data_root, args.out, args.force)
         else:
             build(args.tables or None)
     except UserError as err:

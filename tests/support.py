@@ -46,14 +46,17 @@ def write_image_folder(root, classes=3, per_class=12, size=32, split=None, seed=
     return root
 
 
-def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:
+def write_cifar100(
+    root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0, balanced: bool = False
+) -> Path:
     """CIFAR-100 python-pickle files (``root/cifar-100-python/{train,test,meta}``), random images
-    whose labels a model can learn a little (the label sets the mean of the red channel)."""
+    whose labels a model can learn a little (the label sets the mean of the red channel).
+    ``balanced``: the classes in turn (each as often as ``n`` allows), in a shuffled order."""
     folder = Path(root) / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name, n in (("train", n_train), ("test", n_test)):
-        fine = rng.integers(0, 100, size=n)
+        fine = rng.permutation(np.arange(n) % 100) if balanced else rng.integers(0, 100, size=n)
         images = rng.integers(0, 128, size=(n, 3, 32, 32), dtype=np.uint8)
         images[:, 0] += (fine[:, None, None] * 127 // 99).astype(np.uint8)
         d = {

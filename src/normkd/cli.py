@@ -1,4 +1,5 @@
-"""``normkd`` command line: demo | train | distill | reproduce | eval | merge | export | list-models.
+"""``normkd`` command line: demo | train | distill | reproduce | eval | merge | export | wkd-cost |
+recipes | list-models.
 
 Exit codes: 0 success; 2 user error (bad recipe, missing data, bad checkpoint), another process
 writing the run directory, or Ctrl-C; 143 after SIGTERM. Each is one line without a traceback
@@ -143,7 +144,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from normkd.engine import deploy
     from normkd.engine.checkpoint import load_checkpoint, save_model
     from normkd.engine.job import assemble
-    from normkd.engine.rundir import load_state
+    from normkd.engine.rundir import check_output, load_state
     from normkd.engine.runtime import Runtime
 
     src = args.source
@@ -165,7 +166,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     load_state(job.distiller, state["distiller"], ckpt_path)  # config.yaml may have been edited
     x = next(iter(job.data.test))[0]
     merged, diff = deploy.deploy_checked(job, x)
-    _check_output(args.out, args.force)
+    check_output(args.out, args.force)
     save_model(args.out, merged, deploy.model_meta(recipe, job.plain, job.data, True))
     n = sum(p.numel() for p in merged.parameters())
     print(
@@ -175,23 +176,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(path: Path, force: bool) -> None:
-    """Never replace a run's own files; replace any other existing file only with --force."""
-    from normkd.engine.rundir import LOCK, RUN_FILES
-
-    own = path.name in (*RUN_FILES, "data.json", LOCK) or path.suffix == ".pt"
-    if own and (path.parent / "config.yaml").is_file():
-        raise UserError(f"{path} is a file of the run in {path.parent}: write elsewhere")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to replace it")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: {path.parent} is not a folder")
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from normkd.config import MAX_IMAGE_SIZE
     from normkd.engine import deploy
     from normkd.engine.checkpoint import input_shape_ok, load_model_file
+    from normkd.engine.rundir import check_output
 
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
     shape = None
@@ -205,7 +194,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 "--input-shape must be C,H,W (three positive integers), got "
                 f"{args.input_shape[:40]!r}; each at most {MAX_IMAGE_SIZE}"
             )
-    _check_output(args.onnx, args.force)
+    check_output(args.onnx, args.force)
     model, meta = load_model_file(path)
     diff = deploy.export(model, meta, args.onnx, shape)
     used = ",".join(map(str, shape or meta["input_shape"]))
@@ -215,6 +204,61 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         print(msg + f"; onnxruntime max |logit diff| vs PyTorch: {diff:.2e}")
     return 0
+
+
+def _cmd_wkd_cost(args: argparse.Namespace) -> int:
+    from normkd.config import load_recipe
+    from normkd.wkd_cost import default_out, make_cost_file
+
+    overrides = list(args.overrides)
+    if args.batch_size is not None:  # the pass reads the training split as evaluation does
+        overrides.append(f"data.eval_batch_size={args.batch_size}")
+    recipe = load_recipe(args.config, overrides, task="distill")
+    out = args.out or default_out(recipe, args.source)
+    made = make_cost_file(recipe, out, args.source, force=args.force)
+    print(
+        f"wrote {made.path}: ({made.classes}, {made.classes}) 1 - linear CKA of the teacher's "
+        f"{args.source} rows, {made.rows_per_class:,} per class, in {made.seconds:.1f} s; use "
+        f"it: {made.override}"
+    )
+    return 0
+
+
+def _add_wkd_cost(sub: argparse._SubParsersAction) -> None:
+    """``normkd wkd-cost``'s arguments."""
+    wkd = sub.add_parser(
+        "wkd-cost",
+        help="make WKD-L's published class costs (the teacher's 1 - linear CKA per class pair)",
+        description="Builds the recipe's teacher with its weights, reads the recipe's training "
+        "split un-augmented in dataset order and writes the (C, C) 1 - linear CKA between the "
+        "teacher's rows of every two classes (safetensors, key 'cost', provenance in its "
+        "metadata): the cost_matrix a wkd_l term takes for the published method.",
+    )
+    wkd.add_argument(
+        "config", type=Path, help="a distill recipe: its teacher and data (any loss terms)"
+    )
+    wkd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    wkd.add_argument(
+        "--out",
+        type=Path,
+        help="output .safetensors (default: wkd_cost_SOURCE.safetensors beside the teacher's "
+        "weights)",
+    )
+    wkd.add_argument(
+        "--source",
+        default="last_stage",
+        help="the teacher's rows per image: last_stage (default: every position of its last "
+        "stage map, the authors' CIFAR files; needs equal class counts) or logits (their ImageNet "
+        "files; each class cut to the smallest count)",
+    )
+    wkd.add_argument(
+        "--batch-size",
+        type=count(1, 1_000_000),
+        default=None,
+        help="images per teacher pass (default: the recipe's data.eval_batch_size)",
+    )
+    wkd.add_argument("--force", action="store_true", help="replace an existing --out file")
+    wkd.set_defaults(func=_cmd_wkd_cost)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -385,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
 
     _add_reproduce(sub)
+    _add_wkd_cost(sub)
 
     rec = sub.add_parser(
         "recipes", help="print every shipped recipe's name (usable as RECIPE from any folder)"

@@ -70,3 +70,20 @@ def test_cifar_shifts_by_up_to_four_pixels_and_mirrors_about_half(tmp_path):
         far += all(max(abs(dy), abs(dx)) > 1 for dy, dx, _f in ways)
         flips += all(flipped for _dy, _dx, flipped in ways)
     assert far > 0 and 10 < flips < 54  # of 64: shifts beyond 1 pixel, and flips
+
+
+def test_a_plain_train_pass_reads_every_training_image_in_order_unaugmented(tmp_path):
+    """``plain_train`` (WKD-L's class costs): the training split read as the test split is,
+    whatever the recipe's augmentation, ``eval_batch_size`` at a time."""
+    from normkd.data import load_cifar100
+    from normkd.data.build import Place, build_data
+
+    root = write_cifar100(tmp_path, n_train=100, n_test=16)
+    recipe = _recipe("cifar100", True, root)
+    data = build_data(recipe.data, Place(torch.device("cpu")), plain_train=True)
+    x, y, idx = (torch.cat(parts) for parts in zip(*data.train))
+    split = load_cifar100(root)
+    assert len(data.train) == -(-100 // recipe.data.eval_batch_size)
+    assert torch.equal(idx, torch.arange(100)) and torch.equal(y, split.y_train)
+    mean, std = torch.tensor(split.mean).view(3, 1, 1), torch.tensor(split.std).view(3, 1, 1)
+    torch.testing.assert_close(x, (split.x_train / 255 - mean) / std, rtol=0, atol=1e-6)

@@ -113,3 +113,17 @@ def test_too_few_images_and_one_class(tmp_path, write_images):
     root = write_images(tmp_path / "few", classes=2, per_class=4)
     with pytest.raises(DataError, match="fewer than one batch"):
         folder_loaders(root, 64, 0)
+
+
+def test_a_plain_train_pass_is_every_training_image_in_order_and_the_same_twice(image_folder):
+    """``plain_train``: the val transforms on the training images, unshuffled (no crop, flip or
+    order that changes from one pass to the next)."""
+    from normkd.data.build import Place, build_data
+
+    recipe = _recipe(image_folder, batch_size=4, eval_batch_size=8, val_fraction=0.25)
+    data = build_data(recipe.data, Place(torch.device("cpu")), plain_train=True)
+    first, again = list(data.train), list(data.train)
+    assert [len(b[2]) for b in first] == [8, 8, 8, 3]  # 27 training images, none dropped
+    assert torch.cat([b[2] for b in first]).tolist() == list(range(27))
+    assert torch.cat([b[1] for b in first]).tolist() == data.train.dataset.base.targets
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))

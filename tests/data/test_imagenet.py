@@ -59,6 +59,20 @@ def test_val_transform_is_deterministic_and_normalised(root: Path) -> None:
     assert float(a.min()) < -1.0 and float(a.max()) > 1.5  # ImageNet mean/std applied to 0..1
 
 
+def test_a_plain_train_pass_is_every_training_image_in_order_through_the_val_transform(
+    root: Path,
+) -> None:
+    from normkd.data.imagenet import load_image, standard_transforms
+
+    train, _, _ = imagenet_loaders(root, 2, 0, eval_batch_size=4, image_size=32, plain_train=True)
+    batches = list(train)
+    assert [len(b[2]) for b in batches] == [4, 2]  # every image, eval_batch_size at a time
+    assert torch.cat([b[2] for b in batches]).tolist() == list(range(6))
+    val_tf = standard_transforms(32, augment=False)[1]
+    want = torch.stack([val_tf(load_image(p)) for p, _ in train.dataset.base.samples])
+    assert torch.equal(torch.cat([b[0] for b in batches]), want)
+
+
 def test_same_seed_same_train_order(root: Path) -> None:
     orders = []
     for seed in (1, 1, 2):

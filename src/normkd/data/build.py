@@ -4,7 +4,8 @@ Small sets (digits, CIFAR-100) live on the device as uint8 and are augmented per
 (:class:`DeviceLoader`); image folders and ImageNet stream through torch DataLoaders. A dry run
 reads the real data as a run does, so it fails where the run would; with ``data.fake``
 (``--dry-run --fake-data``) random images of the right shape stand in (``Data.fake``), so
-recipes can be checked where their data is not.
+recipes can be checked where their data is not. ``plain_train`` reads the training split as the
+test split is read (a pass that measures a model on it rather than trains: WKD-L's class costs).
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ class Place:
     channels_last: bool = False
 
 
-def build_data(cfg: DataCfg, place: Place, dry_run: bool = False) -> Data:
-    """The loaders of ``cfg``; random images instead when ``cfg.fake`` (dry runs only)."""
+def build_data(
+    cfg: DataCfg, place: Place, dry_run: bool = False, plain_train: bool = False
+) -> Data:
+    """The loaders of ``cfg``; random images instead when ``cfg.fake`` (dry runs only).
+
+    With ``plain_train`` the train loader yields every training image un-augmented, in dataset
+    order, ``eval_batch_size`` at a time, to each process whole (the test loader's way)."""
     if cfg.batch_size % place.world_size:
         raise ConfigError(
             f"data.batch_size is the global batch ({cfg.batch_size}); it must be divisible by the "
@@ -76,12 +82,12 @@ def build_data(cfg: DataCfg, place: Place, dry_run: bool = False) -> Data:
                 "--dry-run --fake-data) but not train a model; unset it to use the real data"
             )
         if cfg.kind != "digits":  # the digits ship with scikit-learn: nothing to stand in for
-            return _fake(cfg, place)
+            return _fake(cfg, place, plain_train)
     if cfg.kind != "digits" and cfg.root is None:
         raise ConfigError(f"data.root: set it to {_root_hint(cfg.kind)}")
     if cfg.kind in ("imagenet", "folder"):
-        return _streamed(cfg, place)
-    return _on_device(cfg, place, _split(cfg), _augment(cfg))
+        return _streamed(cfg, place, plain_train)
+    return _on_device(cfg, place, _split(cfg), _augment(cfg), plain_train)
 
 
 def _root_hint(kind: str) -> str:
@@ -110,20 +116,23 @@ def _augment(cfg: DataCfg) -> Augment | None:
     return Augment(pad=4, flip=True) if cfg.kind == "cifar100" else Augment(pad=1, flip=False)
 
 
-def _fake(cfg: DataCfg, place: Place) -> Data:
+def _fake(cfg: DataCfg, place: Place, plain_train: bool = False) -> Data:
     """Random images of the kind's shape and class count (dry runs with --fake-data only)."""
     classes, side = {"imagenet": (1000, 224), "folder": (10, cfg.image_size)}.get(
         cfg.kind, (100, 32)
     )
     split = fake_split(classes, side, cfg.batch_size * 2, cfg.batch_size, place.seed)
     augment = _augment(cfg) if cfg.kind == "cifar100" else None
-    data = _on_device(cfg, place, split, augment)
+    data = _on_device(cfg, place, split, augment, plain_train)
     data.fake = True
     return data
 
 
-def _on_device(cfg: DataCfg, place: Place, split: Split, augment: Augment | None) -> Data:
-    """Device-resident loaders over a uint8 split; the train loader shards over ranks."""
+def _on_device(
+    cfg: DataCfg, place: Place, split: Split, augment: Augment | None, plain_train: bool = False
+) -> Data:
+    """Device-resident loaders over a uint8 split; the train loader shards over ranks (a plain
+    one does not: it reads the whole split in order, as the test loader does)."""
     common = {
         "device": place.device,
         "mean": split.mean,
@@ -132,16 +141,21 @@ def _on_device(cfg: DataCfg, place: Place, split: Split, augment: Augment | None
         "seed": place.seed,
         "channels_last": place.channels_last,
     }
-    train = DeviceLoader(
-        split.x_train,
-        split.y_train,
-        cfg.batch_size // place.world_size,
-        shuffle=True,
-        augment=augment,
-        rank=place.rank,
-        world_size=place.world_size,
-        **common,
-    )
+    if plain_train:
+        train = DeviceLoader(
+            split.x_train, split.y_train, cfg.eval_batch_size, shuffle=False, augment=None, **common
+        )
+    else:
+        train = DeviceLoader(
+            split.x_train,
+            split.y_train,
+            cfg.batch_size // place.world_size,
+            shuffle=True,
+            augment=augment,
+            rank=place.rank,
+            world_size=place.world_size,
+            **common,
+        )
     test = DeviceLoader(
         split.x_test, split.y_test, cfg.eval_batch_size, shuffle=False, augment=None, **common
     )
@@ -160,7 +174,7 @@ def _on_device(cfg: DataCfg, place: Place, split: Split, augment: Augment | None
     )
 
 
-def _streamed(cfg: DataCfg, place: Place) -> Data:
+def _streamed(cfg: DataCfg, place: Place, plain_train: bool = False) -> Data:
     """DataLoaders over ImageFolder-style trees (ImageNet, or your own folder)."""
     from normkd.data import folder_loaders, imagenet_loaders
     from normkd.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, skipped_info
@@ -170,6 +184,7 @@ def _streamed(cfg: DataCfg, place: Place) -> Data:
         "eval_batch_size": cfg.eval_batch_size,
         "distributed": place.world_size > 1,
         "seed": place.seed,
+        "plain_train": plain_train,
     }
     batch = cfg.batch_size // place.world_size
     if cfg.kind == "imagenet":

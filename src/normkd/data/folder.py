@@ -158,15 +158,18 @@ def folder_loaders(
     distributed: bool = False,
     seed: int = 0,
     skip_bad: bool = False,
+    plain_train: bool = False,
 ) -> tuple[DataLoader, DataLoader, int, dict[str, Any]]:
-    """Train and val loaders yielding (x, y, idx), the class count and a description."""
+    """Train and val loaders yielding (x, y, idx), the class count and a description (with
+    ``plain_train`` the train images come un-augmented and in order, as :func:`indexed_loaders`
+    says)."""
     if batch_size < 1 or workers < 0 or image_size < 1:
         raise DataError(
             f"need batch_size >= 1, workers >= 0, image_size >= 1; got {batch_size}, {workers}, "
             f"{image_size}"
         )
     train, val, classes, info = folder_datasets(
-        root, image_size, val_fraction, split_seed, augment, skip_bad
+        root, image_size, val_fraction, split_seed, augment and not plain_train, skip_bad
     )
     train_loader, val_loader = indexed_loaders(
         train,
@@ -176,5 +179,6 @@ def folder_loaders(
         eval_batch_size=eval_batch_size,
         distributed=distributed,
         seed=seed,
+        plain_train=plain_train,
     )
     return train_loader, val_loader, len(classes), info

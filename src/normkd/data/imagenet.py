@@ -298,8 +298,12 @@ def indexed_loaders(
     eval_batch_size: int | None = None,
     distributed: bool = False,
     seed: int = 0,
+    plain_train: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train (shuffled, seeded, full batches) and val loaders yielding (x, y, idx).
+    """Train (shuffled, seeded, full batches) and val loaders yielding (x, y, idx). With
+    ``plain_train`` the train loader reads the training set as the val one is read: in order,
+    every image, ``eval_batch_size`` at a time, whole in every process (its augmentation is the
+    dataset's transform: the caller gives it the val one).
 
     The train order is a function of (seed, epoch) alone: a DistributedSampler reshuffles with
     ``seed + epoch`` when the engine calls ``train_loader.sampler.set_epoch(epoch)``, also in one
@@ -313,8 +317,13 @@ def indexed_loaders(
     train, val = IndexedDataset(train_set), IndexedDataset(val_set)
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
     one = {} if distributed else {"num_replicas": 1, "rank": 0}
-    train_sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True, **one)
-    train_loader = DataLoader(train, batch_size, sampler=train_sampler, drop_last=True, **common)
+    if plain_train:
+        train_loader = DataLoader(train, eval_batch_size or batch_size, shuffle=False, **common)
+    else:
+        train_sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True, **one)
+        train_loader = DataLoader(
+            train, batch_size, sampler=train_sampler, drop_last=True, **common
+        )
     common["persistent_workers"] = workers > 0  # evaluation draws no random numbers
     if distributed:
         val_sampler = DistributedSampler(val, shuffle=False, seed=seed)
@@ -339,8 +348,10 @@ def imagenet_loaders(
     seed: int = 0,
     image_size: int = 224,
     skip_bad: bool = False,
+    plain_train: bool = False,
 ) -> tuple[DataLoader, DataLoader, int]:
-    """Train and val loaders yielding (x, y, idx) plus the class count, from ROOT/train, ROOT/val.
+    """Train and val loaders yielding (x, y, idx) plus the class count, from ROOT/train, ROOT/val
+    (with ``plain_train`` the train images come through the val transforms, in order).
 
     Files whose header is no readable image are refused, or with ``skip_bad`` left out (each
     dataset's ``skipped`` lists them; :func:`skipped_info` sums them up).
@@ -353,7 +364,7 @@ def imagenet_loaders(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"ImageNet root {root} does not exist: expected the layout {LAYOUT}")
-    train_tf, val_tf = standard_transforms(image_size)
+    train_tf, val_tf = standard_transforms(image_size, augment=not plain_train)
     train_set = _image_folder(root / "train", train_tf, skip_bad=skip_bad)
     val_set = _image_folder(root / "val", val_tf, skip_bad=skip_bad)
     check_same_classes(train_set.classes, val_set.classes, f"ImageNet root {root}")
@@ -365,6 +376,7 @@ def imagenet_loaders(
         eval_batch_size=eval_batch_size,
         distributed=distributed,
         seed=seed,
+        plain_train=plain_train,
     )
     return train_loader, val_loader, len(train_set.classes)
 

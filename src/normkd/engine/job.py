@@ -85,7 +85,7 @@ def assemble(
         )
         data = build_data(recipe.data, place, dry_run=dry_run)
     if teacher is None and recipe.teacher is not None:
-        teacher = _teacher(recipe.teacher, data.num_classes, allow_untrained=dry_run)
+        teacher = build_teacher(recipe.teacher, data.num_classes, allow_untrained=dry_run)
     if student is None:
         student = _create("student", recipe.student, data.num_classes)
     names = (_name(recipe.student, student), _name(recipe.teacher, teacher))
@@ -227,10 +227,11 @@ def _say(line: str) -> None:
         logger.info(line)
 
 
-def _teacher(cfg: ModelCfg, num_classes: int, allow_untrained: bool) -> nn.Module:
+def build_teacher(cfg: ModelCfg, num_classes: int, allow_untrained: bool = False) -> nn.Module:
     """The trained teacher; a dry run may go on with a random one (nothing is trained there).
 
     timm's pretrained weights count as trained when their classifier fits the data's classes.
+    ``normkd wkd-cost`` builds its teacher here too, so its errors are a run's.
     """
     weights = cfg.weights
     pretrained = cfg.pretrained or cfg.pretrained_file is not None

@@ -59,6 +59,18 @@ class RunLockedError(UserError):
 LOCK = ".lock"
 
 
+def check_output(path: Path, force: bool) -> None:
+    """Never replace a run's own files; replace any other existing file only with ``force``
+    (the CLI's --force), checked before the work that makes the file."""
+    own = path.name in (*RUN_FILES, "data.json", LOCK) or path.suffix == ".pt"
+    if own and (path.parent / "config.yaml").is_file():
+        raise UserError(f"{path} is a file of the run in {path.parent}: write elsewhere")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: {path.parent} is not a folder")
+
+
 class RunLock:
     """An exclusive lock on a run directory for as long as one process writes it.
 

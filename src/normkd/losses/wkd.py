@@ -17,9 +17,10 @@ cut to the smallest class's count), set ``M_ij = 1 - linearCKA(F_i, F_j)`` with 
 that order, and sharpen it at training, ``M <- 1 - exp(-kappa M)`` (``COST_MATRIX_SHARPEN`` 1).
 Their files (``wkd_cost_matrix/``, the raw ``1 - CKA`` as a plain tensor) load here with
 ``cost_matrix: PATH`` and are sharpened by ``sharpen``. :func:`teacher_class_features` and
-:func:`cka_cost_matrix` make the same raw matrix for any teacher (save it as ``.safetensors``
-under the key ``cost``). Their other option is ``1 - cosine`` between the rows of the teacher's
-classifier (:func:`classifier_cost_matrix`).
+:func:`cka_cost_matrix` make the same raw matrix for any teacher (``.safetensors``, key ``cost``;
+``normkd wkd-cost RECIPE`` makes the file from a recipe's teacher and data: normkd/wkd_cost.py).
+Their other option is ``1 - cosine`` between the rows of the teacher's classifier
+(:func:`classifier_cost_matrix`).
 
 **The term cannot make the published cost itself**: it is built from the models' tap *shapes*
 (``BuildContext``) and never sees the teacher's weights or the training images, so ``cost_matrix:
@@ -42,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ from normkd.losses.fitnet import hint_regressor
 from normkd.models.taps import collect_taps, eval_mode, get_taps
 
 # ---------------------------------------------------------------- the cost matrix (WKD-L)
+
+Source = Literal["last_stage", "logits"]  # the teacher's rows a class is described by
+SOURCES: tuple[str, ...] = get_args(Source)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,7 +91,7 @@ def teacher_class_features(
     teacher: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_classes: int,
-    source: Literal["last_stage", "logits"] = "last_stage",
+    source: Source = "last_stage",
 ) -> torch.Tensor:
     """The ``(C, n, d)`` input of :func:`cka_cost_matrix`, as the authors make it.
 
@@ -154,8 +158,8 @@ def load_cost_matrix(path: str) -> torch.Tensor:
 UNIFORM_WARNING = (
     "loss wkd_l: cost_matrix uniform puts cost 1 between any two classes: WKD-L without class "
     "relations, not the published method. For that, name the teacher's (C, C) 1 - CKA file: "
-    "cost_matrix: PATH (the authors' wkd_cost_matrix/*.pth, or one made with "
-    "normkd.losses.wkd.teacher_class_features + cka_cost_matrix)"
+    "cost_matrix: PATH (the authors' wkd_cost_matrix/*.pth, or one made for your teacher by "
+    "normkd wkd-cost RECIPE)"
 )
 
 
