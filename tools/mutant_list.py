@@ -289,8 +289,16 @@ MUTANTS: list[Mutant] = [
         "loop-best-every-epoch",
         LP,
         "best.pt written every epoch",
-        "_state(job, epoch, best), improved)",
-        "_state(job, epoch, best), True)",
+        "_state(job, epoch, best, seconds), improved)",
+        "_state(job, epoch, best, seconds), True)",
+        T_LOOP,
+    ),
+    Mutant(
+        "loop-resume-restarts-the-clock",
+        LP,
+        "a resumed run's seconds count only the time since the resume",
+        "_params(job), before + time.perf_counter() - t0, history=history,",
+        "_params(job), time.perf_counter() - t0, history=history,",
         T_LOOP,
     ),
     Mutant(
