@@ -15,7 +15,7 @@ from torch import nn
 
 from normkd.cli import main
 from normkd.config import ModelCfg, load_recipe, recipe_from_dict
-from normkd.engine.job import _teacher
+from normkd.engine.job import build_teacher
 from normkd.errors import ConfigError
 from normkd.models import CheckpointError, create_model
 from normkd.models.weights import fit_weights
@@ -211,10 +211,10 @@ def test_a_timm_teacher_from_pretrained_weights(tmp_path):
     """Pretrained weights count as a trained teacher when their classifier fits the data."""
     state = _save(create_model("timm:resnet10t", num_classes=1000), tmp_path / "w.safetensors")
     cfg = ModelCfg(model="timm:resnet10t", pretrained_file=tmp_path / "w.safetensors")
-    teacher = _teacher(cfg, 1000, allow_untrained=False)
+    teacher = build_teacher(cfg, 1000, allow_untrained=False)
     _assert_all_but(teacher, state, set())
     with pytest.raises(CheckpointError, match=r"teacher\.pretrained_file: its classifier has 1000"):
-        _teacher(cfg, 3, allow_untrained=False)
+        build_teacher(cfg, 3, allow_untrained=False)
 
 
 @pytest.mark.parametrize(
