@@ -232,6 +232,27 @@ def _plot_trend(points: dict[str, list[tuple[int, list[float]]]], path: Path) ->
     plt.close(fig)
 
 
+def status(names: Sequence[str] | None = None) -> str:
+    """What each table has recorded and what a `run` would still train, from the records alone:
+    a line per table, the missing seeds named per method."""
+    from normkd.records import record_path
+
+    lines = []
+    for name in names or TABLES:
+        spec, folder = TABLES[name], RUNS / name
+        missing = {
+            m: [s for s in range(spec.seeds) if not record_path(folder, m, s).is_file()]
+            for m in spec.methods
+        }
+        todo = sum(len(v) for v in missing.values())
+        runs = len(spec.methods) * spec.seeds
+        left = "; ".join(f"{label(m)} seeds {v}" for m, v in missing.items() if v)
+        lines.append(
+            f"{name}: {runs - todo}/{runs} runs recorded" + (f"; to run: {left}" if left else "")
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -247,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--force", action="store_true", help="replace an existing --out file")
     b = sub.add_parser("build", help="rebuild every table and the trend from the records")
     b.add_argument("tables", nargs="*", metavar="TABLE", help=f"default: all ({', '.join(TABLES)})")
+    st = sub.add_parser("status", help="what each table has recorded and what is left to run")
+    st.add_argument("tables", nargs="*", metavar="TABLE", help="default: all")
     args = p.parse_args(argv)
     try:
         unknown = sorted(set(getattr(args, "tables", None) or ()) - set(TABLES))
@@ -256,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(args.table, args.data_root, args.out_dir, args.methods, args.seeds)
         elif args.command == "wkd-cost":
             wkd_cost(args.data_root, args.out, args.force)
+        elif args.command == "status":
+            print(status(args.tables or None))
         else:
             build(args.tables or None)
     except UserError as err:

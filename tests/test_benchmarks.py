@@ -244,6 +244,19 @@ def test_tables_rebuild_each_report_and_the_trend_from_records_alone(
     assert (tmp_path / "cifar100.png").is_file() and (tmp_path / "cifar100_trend.png").is_file()
     assert not (tmp_path / "cifar100_mixed.md").exists()  # no records: no report
     assert tables.main(["build", "nope"]) == 2
+    # status: what is recorded and which seeds a run would still train, from the same records
+    lines = tables.status().splitlines()
+    first = dict(zip(tables.TABLES, lines, strict=True))
+    spec = tables.TABLES[tables.TEACHER_TABLE]
+    assert first[tables.TEACHER_TABLE].startswith(
+        f"{tables.TEACHER_TABLE}: 6/{len(spec.methods) * spec.seeds} runs recorded; to run: "
+    )
+    assert "KD (matched)" not in first[tables.TEACHER_TABLE]  # its 3 seeds are recorded
+    assert "NORM seeds [0, 1, 2]" in first[tables.TEACHER_TABLE]
+    assert (
+        first["cifar100_resnet20__resnet8_e30"]
+        == "cifar100_resnet20__resnet8_e30: 2/2 runs recorded"
+    )
 
 
 def test_the_committed_reports_are_what_the_committed_records_rebuild(
