@@ -146,9 +146,8 @@ def build(names: Sequence[str] | None = None) -> None:
 # The newer baselines are each at their authors' weights: their columns compare methods, not one
 # changed setting (the matched pairs are KD (matched) / NORM+KD and vanilla / NORM).
 _BASELINE_NOTE = (
-    "\nDIST and WKD-L run at their authors' CIFAR-100 settings (DIST: CE 1 + 2 x DIST, tau 4; "
-    "WKD-L: CE 1 + its target term + 600 x Sinkhorn WD, T 8, the teacher's 1 - CKA costs), so "
-    "their Δ columns compare each method as published with KD (matched) and vanilla, not one "
+    f"\nDIST and WKD-L run at their authors' CIFAR-100 settings (configs/cifar100/{R8}/dist.yaml "
+    "and wkd_l.yaml, with the teacher's 1 - CKA costs), so their Δ columns compare each method as published with KD (matched) and vanilla, not one "
     "changed setting; the matched pairs are NORM+KD / KD (matched) and NORM / vanilla.\n"
 )
 

@@ -141,10 +141,12 @@ def _on_device(
         "seed": place.seed,
         "channels_last": place.channels_last,
     }
+
+    def in_order(x: torch.Tensor, y: torch.Tensor) -> DeviceLoader:
+        return DeviceLoader(x, y, cfg.eval_batch_size, shuffle=False, augment=None, **common)
+
     if plain_train:
-        train = DeviceLoader(
-            split.x_train, split.y_train, cfg.eval_batch_size, shuffle=False, augment=None, **common
-        )
+        train = in_order(split.x_train, split.y_train)
     else:
         train = DeviceLoader(
             split.x_train,
@@ -156,9 +158,7 @@ def _on_device(
             world_size=place.world_size,
             **common,
         )
-    test = DeviceLoader(
-        split.x_test, split.y_test, cfg.eval_batch_size, shuffle=False, augment=None, **common
-    )
+    test = in_order(split.x_test, split.y_test)
     in_shape = tuple(int(s) for s in split.x_train.shape[1:])
     return Data(
         train,
