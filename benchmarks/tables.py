@@ -139,6 +139,8 @@ def build(names: Sequence[str] | None = None) -> None:
         if comp.runs.get("dist") or comp.runs.get("wkd_l"):
             notes += _BASELINE_NOTE
         notes += _wkd_note() if comp.runs.get("wkd_l") else ""
+        if left := _left(_missing(name)):  # a partial table says what it still lacks
+            notes += f"\nNot recorded yet (`tables.py run {name}` trains them): {left}.\n"
         atomic_write_text(path, path.read_text() + notes)
     trend()
 
@@ -181,22 +183,25 @@ def _wkd_note() -> str:
 
 def trend() -> None:
     """Does the NORM+KD - KD (matched) gap move with the schedule? 15 / 30 / 60 epochs."""
-    points: dict[str, list[tuple[int, list[float]]]] = {m: [] for m in TREND_METHODS}
+    points: dict[str, dict[int, list[float]]] = {m: {} for m in TREND_METHODS}
     for name in TREND:
         if not any((RUNS / name).glob("*_seed*.json")):
             continue
         comp = build_table(RUNS / name, list(TREND_METHODS))
         for m in TREND_METHODS:
             if comp.runs.get(m):
-                points[m].append((comp.epochs, [r.final_top1 for r in comp.runs[m]]))
+                points[m][comp.epochs] = [r.final_top1 for r in comp.runs[m]]
     if not any(points.values()):
         return
     rows = ["| method | epochs | seeds | final top-1 % |", "| --- | --- | --- | --- |"]
     for m, pts in points.items():
-        rows += [f"| {label(m)} | {e} | {len(v)} | {mean_std(v)} |" for e, v in pts]
-    gaps = []
-    for (e, a), (_, b) in zip(points[TREND_METHODS[1]], points[TREND_METHODS[0]]):
-        gaps.append(f"{e} epochs: {statistics.mean(a) - statistics.mean(b):+.2f}")
+        rows += [f"| {label(m)} | {e} | {len(v)} | {mean_std(v)} |" for e, v in sorted(pts.items())]
+    # a gap only where both methods have the schedule (the workers finish in either order)
+    base, other = (points[m] for m in TREND_METHODS)
+    gaps = [
+        f"{e} epochs: {statistics.mean(other[e]) - statistics.mean(base[e]):+.2f}"
+        for e in sorted(base.keys() & other.keys())
+    ]
     text = (
         "# CIFAR-100 resnet20 -> resnet8: does the NORM+KD - KD (matched) gap move with the "
         "schedule?\n\nThe same teacher, recipes and engine defaults as cifar100.md, at 15, 30 and "
@@ -212,7 +217,7 @@ def trend() -> None:
     print("\n" + text)
 
 
-def _plot_trend(points: dict[str, list[tuple[int, list[float]]]], path: Path) -> None:
+def _plot_trend(points: dict[str, dict[int, list[float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +226,8 @@ def _plot_trend(points: dict[str, list[tuple[int, list[float]]]], path: Path) ->
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m, pts in points.items():
         if pts:
-            ax.plot([e for e, _ in pts], [statistics.mean(v) for _, v in pts], "o-", label=label(m))
+            e = sorted(pts)
+            ax.plot(e, [statistics.mean(pts[k]) for k in e], "o-", label=label(m))
     ax.set_xlabel("epochs")
     ax.set_ylabel("final test top-1 (%)")
     ax.set_title("resnet20 -> resnet8, real CIFAR-100")
@@ -231,21 +237,30 @@ def _plot_trend(points: dict[str, list[tuple[int, list[float]]]], path: Path) ->
     plt.close(fig)
 
 
+def _missing(name: str) -> dict[str, list[int]]:
+    """The seeds of each method a `run` of this table would still train (none: recorded)."""
+    from normkd.records import record_path
+
+    spec, folder = TABLES[name], RUNS / name
+    return {
+        m: [s for s in range(spec.seeds) if not record_path(folder, m, s).is_file()]
+        for m in spec.methods
+    }
+
+
+def _left(missing: dict[str, list[int]]) -> str:
+    return "; ".join(f"{label(m)} seeds {v}" for m, v in missing.items() if v)
+
+
 def status(names: Sequence[str] | None = None) -> str:
     """What each table has recorded and what a `run` would still train, from the records alone:
     a line per table, the missing seeds named per method."""
-    from normkd.records import record_path
-
     lines = []
     for name in names or TABLES:
-        spec, folder = TABLES[name], RUNS / name
-        missing = {
-            m: [s for s in range(spec.seeds) if not record_path(folder, m, s).is_file()]
-            for m in spec.methods
-        }
+        spec, missing = TABLES[name], _missing(name)
         todo = sum(len(v) for v in missing.values())
         runs = len(spec.methods) * spec.seeds
-        left = "; ".join(f"{label(m)} seeds {v}" for m, v in missing.items() if v)
+        left = _left(missing)
         lines.append(
             f"{name}: {runs - todo}/{runs} runs recorded" + (f"; to run: {left}" if left else "")
         )

@@ -239,6 +239,11 @@ def test_tables_rebuild_each_report_and_the_trend_from_records_alone(
     report = (tmp_path / "cifar100.md").read_text()
     assert "| NORM+KD | 3 | " in report and "| KD (matched) | 3 | " in report
     assert "- NORM+KD vs KD (matched): +1.00 [+1.00, +1.00]" in report
+    assert (
+        "Not recorded yet (`tables.py run cifar100_resnet20__resnet8_e15` trains them): " in report
+    )
+    assert "NORM seeds [0, 1, 2]" in report and "KD (matched) seeds" not in report
+    assert "Not recorded yet" not in (tmp_path / "cifar100_trend.md").read_text()
     trend = (tmp_path / "cifar100_trend.md").read_text()
     assert "15 epochs: +1.00; 30 epochs: +0.50" in trend
     assert (tmp_path / "cifar100.png").is_file() and (tmp_path / "cifar100_trend.png").is_file()
@@ -257,6 +262,35 @@ def test_tables_rebuild_each_report_and_the_trend_from_records_alone(
         first["cifar100_resnet20__resnet8_e30"]
         == "cifar100_resnet20__resnet8_e30: 2/2 runs recorded"
     )
+
+
+def test_the_trend_pairs_its_gaps_by_schedule_whichever_runs_finished_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NORM+KD at 30 epochs and KD (matched) at 60 recorded, their partners not yet: no gap is
+    made of two schedules; each row sits at its own epochs."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tables
+
+    from normkd.records import Record, write_record
+
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    monkeypatch.setattr(tables, "RUNS", tmp_path / "runs")
+    for name, epochs, method, final in (
+        (tables.TEACHER_TABLE, 15, "kd_matched", 50.0),
+        (tables.TEACHER_TABLE, 15, "norm_kd", 49.0),
+        ("cifar100_resnet20__resnet8_e30", 30, "norm_kd", 55.0),
+        ("cifar100_resnet20__resnet8_e60", 60, "kd_matched", 52.0),
+    ):
+        write_record(
+            tmp_path / "runs" / name,
+            Record("resnet20__resnet8", method, 0, "short", epochs, "bf16", final, epochs, final,
+                   900.0, "abc", "cpu", "now", teacher_sha256="ff"),
+        )  # fmt: skip
+    tables.trend()
+    trend = (tmp_path / "cifar100_trend.md").read_text()
+    assert "mean final top-1: 15 epochs: -1.00.\n" in trend
+    assert "| NORM+KD | 30 | 1 | 55.00 |" in trend and "| KD (matched) | 60 | 1 | 52.00 |" in trend
 
 
 def test_the_committed_reports_are_what_the_committed_records_rebuild(
