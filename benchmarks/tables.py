@@ -139,6 +139,7 @@ def build(names: Sequence[str] | None = None) -> None:
         if comp.runs.get("dist") or comp.runs.get("wkd_l"):
             notes += _BASELINE_NOTE
         notes += _wkd_note() if comp.runs.get("wkd_l") else ""
+        notes += _AUTHORS_NOTE.format(pair=spec.pair) if comp.runs.get("norm_kd_authors") else ""
         if left := _left(_missing(name)):  # a partial table says what it still lacks
             notes += f"\nNot recorded yet (`tables.py run {name}` trains them): {left}.\n"
         atomic_write_text(path, path.read_text() + notes)
@@ -151,6 +152,14 @@ _BASELINE_NOTE = (
     f"\nDIST and WKD-L run at their authors' CIFAR-100 settings (configs/cifar100/{R8}/dist.yaml "
     "and wkd_l.yaml, with the teacher's 1 - CKA costs), so their Δ columns compare each method as published with KD (matched) and vanilla, not one "
     "changed setting; the matched pairs are NORM+KD / KD (matched) and NORM / vanilla.\n"
+)
+
+
+# The authors'-code row keeps their loss settings but not their fp32: a table has one precision.
+_AUTHORS_NOTE = (
+    "\nNORM+KD (authors' code) is configs/cifar100/{pair}/norm_kd_authors.yaml: the authors' CE "
+    "weight 0.25 and their logit standardisation (x 2.5), run at this table's precision (the "
+    "recipe alone runs fp32), so it differs from NORM+KD in those two settings, not in NORM.\n"
 )
 
 
