@@ -105,8 +105,9 @@ class WideResNet(nn.Module):
         # Their preact_feats are no map before a stage's own ReLU (a WRN stage ends in a sum):
         # the stem conv's output, then each stage's output through the BN the net applies next
         # (block2.layer[0].bn1, block3.layer[0].bn1, the final bn1), i.e. what the ReLU after
-        # that BN reads. The reference recomputes it after the forward; the BN's value is the
-        # same (its first relu1 is in place: the capture clones it).
+        # that BN reads. The reference calls those BNs a second time after the forward: the
+        # same values (in training mode it also updates their running statistics twice; here
+        # once). relu1 is in place, so the capture clones its input.
         self.tap_spec = TapSpec(
             feat="relu",
             feat_channels=widths[3],
