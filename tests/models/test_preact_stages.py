@@ -21,7 +21,7 @@ WRNS = ["wrn_16_1", "wrn_16_2", "wrn_40_1"]
 VGGS = ["vgg8", "vgg13"]
 OTHERS = ["ResNet50", "ShuffleV1", "ShuffleV2", "MobileNetV2"]
 CIFAR = RESNETS + WRNS + VGGS + OTHERS
-TORCHVISION = ["resnet18", "mobilenet_v2"]  # declare none: their stages' last ReLU is shared
+TORCHVISION = ["resnet18", "mobilenet_v2"]  # taps discovered, not declared: no preact
 
 
 def _model(name: str) -> nn.Module:
