@@ -8,6 +8,8 @@ holding them, laid out as packages so their relative imports resolve:
                               JiamingLv/WKD mdistiller/distillers/*, tools/generate_cost_matrix.py
     DIR/reviewkd_ref/ReviewKD.py, _base.py
                               megvii-research/mdistiller mdistiller/distillers/*
+    DIR/reviewkd_ref/resnet.py, vgg.py, wrn.py
+                              megvii-research/mdistiller mdistiller/models/cifar/*
     (each folder with an empty __init__.py)
 
 Their WKD-L casts probabilities to float32 inside the loss; for a float64 comparison the script
@@ -137,21 +139,25 @@ def cka_checks(gen: types.ModuleType) -> list[tuple[str, float]]:
     ]
 
 
-REVIEWKD_SETTINGS = (  # name, student maps (C, H, W) shallow to deep, pooled last; the teacher's
+REVIEWKD_SETTINGS = (  # name, student maps (C, H, W) shallow to deep, pooled last; the teacher's;
+    # STU_PREACT (mdistiller's CIFAR default False, its ImageNet configs' True)
     (
         "CIFAR resnet32x4 -> resnet8x4",
         [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)],
         [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)],
+        False,
     ),
     (
         "CIFAR resnet32x4 -> ShuffleV1 (sizes differ)",
         [(240, 16, 16), (480, 8, 8), (960, 4, 4), (960, 1, 1)],
         [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)],
+        False,
     ),
     (
-        "ImageNet resnet34 -> resnet18",
+        "ImageNet resnet34 -> resnet18, STU_PREACT",
         [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (512, 1, 1)],
         [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (512, 1, 1)],
+        True,
     ),
 )
 
@@ -172,12 +178,19 @@ def _maps(shapes: list[tuple[int, ...]], b: int, g: torch.Generator) -> list[tor
 
 
 def _reviewkd_diff(
-    ref: types.ModuleType, s_shapes: list[tuple[int, ...]], t_shapes: list[tuple[int, ...]]
+    ref: types.ModuleType,
+    s_shapes: list[tuple[int, ...]],
+    t_shapes: list[tuple[int, ...]],
+    stu_preact: bool,
 ) -> float:
-    """Max |ours - theirs| of one setting: their distiller on stand-in networks, ours on taps."""
+    """Max |ours - theirs| of one setting: their distiller on stand-in networks, ours on taps.
+    Each network's post-activation maps are its pre-activation ones through a ReLU, so both
+    sides agree only if they review the same ones (the teacher's pre-activation, the student's
+    as ``stu_preact`` says)."""
     g, b = torch.Generator().manual_seed(11), 4
     s_maps = [m.requires_grad_() for m in _maps(s_shapes, b, g)]
     t_maps = _maps(t_shapes, b, g)
+    s_post, t_post = ([torch.relu(m) for m in maps[:-1]] for maps in (s_maps, t_maps))
     s_pooled, t_pooled = s_maps[-1].flatten(1), t_maps[-1].flatten(1)
     stem = torch.zeros(b, 1, 1, 1, dtype=D64)  # their lists lead with a stem no ABF reads
     logits = torch.randn(b, 10, generator=g, dtype=D64)
@@ -187,14 +200,20 @@ def _reviewkd_diff(
             OUT_SHAPES=[sh[1] for sh in reversed(t_shapes)],
             IN_CHANNELS=[sh[0] for sh in s_shapes],
             OUT_CHANNELS=[sh[0] for sh in t_shapes],
-            CE_WEIGHT=1.0, REVIEWKD_WEIGHT=1.0, WARMUP_EPOCHS=20, STU_PREACT=False,
+            CE_WEIGHT=1.0, REVIEWKD_WEIGHT=1.0, WARMUP_EPOCHS=20, STU_PREACT=stu_preact,
             MAX_MID_CHANNEL=512,
         )
     )  # fmt: skip
-    student = _Fixed((logits, {"feats": [stem, *s_maps[:-1]], "pooled_feat": s_pooled}))
-    teacher = _Fixed((logits, {"preact_feats": [stem, *t_maps[:-1]], "pooled_feat": t_pooled}))
+    # (mdistiller's student lists lead with a stem, which ``zip`` leaves out; ours start at 0)
+    student = _Fixed((logits, {
+        "feats": [stem, *s_post], "preact_feats": [stem, *s_maps[:-1]], "pooled_feat": s_pooled,
+    }))  # fmt: skip
+    teacher = _Fixed((logits, {
+        "feats": [stem, *t_post], "preact_feats": [stem, *t_maps[:-1]], "pooled_feat": t_pooled,
+    }))  # fmt: skip
     theirs = ref.ReviewKD(student, teacher, cfg).double().train()
-    ours = ReviewKDLoss(s_shapes, t_shapes, first_stage=0).double().train()
+    ours = ReviewKDLoss(s_shapes, t_shapes, first_stage=0, student_preact=stu_preact)
+    ours = ours.double().train()
     deepest = len(s_shapes) - 1
     for j, abf in enumerate(theirs.abfs):  # theirs deep to shallow, ours shallow to deep
         target = ours.abfs[deepest - j]
@@ -203,8 +222,8 @@ def _reviewkd_diff(
     y = torch.zeros(b, dtype=torch.long)
     want = theirs.forward_train(image=stem, target=y, epoch=20)[1]["loss_kd"]  # warm-up done
     state = StepState(
-        stem, y, y, 20, Taps(stages=s_maps[:-1], pooled=s_pooled),
-        Taps(stages=t_maps[:-1], pooled=t_pooled),
+        stem, y, y, 20, Taps(stages=s_post, preact=s_maps[:-1], pooled=s_pooled),
+        Taps(stages=t_post, preact=t_maps[:-1], pooled=t_pooled),
     )  # fmt: skip
     return _diff(ours(state), want, s_maps)
 
@@ -212,7 +231,47 @@ def _reviewkd_diff(
 def reviewkd_checks(ref: types.ModuleType) -> list[tuple[str, float]]:
     """ReviewKD's loss through mdistiller's own distiller (ABF chain + HCL), their ABF weights
     copied into ours, on identical student and teacher maps; BN in training mode on both sides."""
-    return [(f"reviewkd {name}", _reviewkd_diff(ref, s, t)) for name, s, t in REVIEWKD_SETTINGS]
+    return [
+        (f"reviewkd {name}", _reviewkd_diff(ref, s, t, pre))
+        for name, s, t, pre in REVIEWKD_SETTINGS
+    ]
+
+
+PREACT_MODELS = (  # our zoo name, (their module, their constructor)
+    ("resnet32x4", ("resnet", "resnet32x4")),
+    ("resnet56", ("resnet", "resnet56")),
+    ("vgg13", ("vgg", "vgg13_bn")),
+    ("wrn_40_2", ("wrn", "wrn_40_2")),
+)
+
+
+def preact_checks() -> list[tuple[str, float]]:
+    """Our ``preact`` capture of a CIFAR teacher against mdistiller's own model file returning its
+    ``preact_feats``, the same weights (ours, BN statistics randomised) loaded into both; eval
+    mode, float64."""
+    from normkd.models import create_model
+    from normkd.models.taps import capture_inputs, get_taps
+
+    rows = []
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(12), dtype=D64)
+    for name, (module, ctor) in PREACT_MODELS:
+        torch.manual_seed(13)
+        ours = create_model(name, num_classes=100).double()
+        for m in ours.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        theirs = getattr(importlib.import_module(f"reviewkd_ref.{module}"), ctor)(num_classes=100)
+        theirs.double().load_state_dict(ours.state_dict())
+        spec = get_taps(ours.eval())
+        with torch.no_grad(), capture_inputs(ours, spec.preact_stages) as got:
+            ours(x)
+            want = theirs.eval()(x)[1]["preact_feats"]
+        d = max(
+            (got[n] - w).abs().max().item() for n, w in zip(spec.preact_stages, want, strict=True)
+        )
+        rows.append((f"preact maps {name} (mdistiller preact_feats)", d))
+    return rows
 
 
 STEP_METHODS = {
@@ -295,6 +354,7 @@ def main() -> None:
     rows += wkd_f_checks(wkd, importlib.import_module("wkd_ref._common"))
     rows += cka_checks(importlib.import_module("wkd_ref.generate_cost_matrix"))
     rows += reviewkd_checks(importlib.import_module("reviewkd_ref.ReviewKD"))
+    rows += preact_checks()
     print(f"| check | max abs diff (loss, grads) | verdict (tol {TOL:g}) |\n|---|---|---|")
     for name, d in rows:
         print(f"| {name} | {d:.3e} | {'PASS' if d <= TOL else 'FAIL'} |")

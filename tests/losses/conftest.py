@@ -17,22 +17,21 @@ IN_SHAPE = (3, 8, 8)  # the digits images
 N_TRAIN = 64
 
 
-def _distiller(loss: list[dict], **recipe: dict) -> Distiller:
-    """resnet8x4 -> resnet8 (random weights) with ``loss``, through the run assembler."""
+def _distiller(
+    loss: list[dict], pair: tuple[str, str] = ("resnet8x4", "resnet8"), **recipe: dict
+) -> Distiller:
+    """``pair`` (teacher, student; random weights) with ``loss``, through the run assembler."""
     recipe = recipe_from_dict(
         {
             "name": "t",
-            "teacher": {"model": "resnet8x4"},
-            "student": {"model": "resnet8"},
+            "teacher": {"model": pair[0]},
+            "student": {"model": pair[1]},
             "loss": loss,
             "engine": {"device": "cpu"},
             **recipe,
         }
     )
-    teacher, student = (
-        create_model("resnet8x4", num_classes=10),
-        create_model("resnet8", num_classes=10),
-    )
+    teacher, student = (create_model(name, num_classes=10) for name in pair)
     data = Data(
         train=None,
         test=None,
@@ -49,7 +48,8 @@ def _distiller(loss: list[dict], **recipe: dict) -> Distiller:
 
 @pytest.fixture
 def zoo_distiller() -> Callable[..., Distiller]:
-    """Build resnet8x4 -> resnet8 (random weights) with a loss list and other recipe sections."""
+    """Build resnet8x4 -> resnet8 (or ``pair=(teacher, student)``; random weights) with a loss
+    list and other recipe sections."""
     return _distiller
 
 

@@ -64,6 +64,9 @@ def _check_taps(taps: Taps, declared: frozenset[str], model: torch.nn.Module, x)
     assert ("stages" in declared) == bool(taps.stages)
     if "stages" in declared:
         assert [tuple(s.shape) for s in taps.stages] == _stage_shapes(model, x)
+    assert ("preact" in declared) == bool(taps.preact)
+    if "preact" in declared:  # the maps before the stages' last ReLU: the stages' shapes
+        assert [tuple(p.shape) for p in taps.preact] == _stage_shapes(model, x)
     assert ("feat" in declared) == (taps.feat is not None)
     if taps.feat is not None:
         assert taps.feat.shape[0] == b and taps.feat.shape[1] == get_taps(model).feat_channels

@@ -25,14 +25,18 @@ no warm-up. The CIFAR zoo's ``TapSpec.stages`` is RepDistiller's feature list (s
 ``first_stage: 1`` reviews the same stages as the authors (3 of a ResNet, 4 of a VGG / MobileNetV2);
 torchvision's ResNets list no stem, so their recipes say ``first_stage: 0``.
 
-**Deviation (pre-activation features).** The authors match the teacher's stage outputs *before*
-their last ReLU (CIFAR: ``preact=True``, the student's maps post-ReLU; ImageNet: both networks'
-blocks leave the ReLU out, and mdistiller's ImageNet config sets ``STU_PREACT``). normkd's taps
-are module outputs, and every zoo and torchvision stage ends in its ReLU, so here both networks'
-maps are post-activation (the teacher's are non-negative): on CIFAR the teacher's side differs,
-on ImageNet both. Pre-activation maps would need a new tap kind and a declared pre-ReLU point in
-every model, outside this file. The pooled features are the classifier's input on both sides, as
-in the authors' code (with NORM's FT on the student, the student's is taken after FT).
+**Pre-activation maps.** As the authors, the teacher's stage maps are read *before* their last
+ReLU (``teacher_preact``, on by default: mdistiller reviews the teacher's ``preact_feats``
+always, the authors' CIFAR code runs the teacher with ``preact=True``) and the student's after it
+(``student_preact``, off by default: mdistiller's ``STU_PREACT`` default, which its CIFAR config
+keeps; its ImageNet configs turn it on, and the authors' ImageNet blocks leave the ReLU out).
+These are the ``preact`` tap, the maps a model declares in ``TapSpec.preact_stages``: the CIFAR
+zoo declares RepDistiller / mdistiller's, stem first, so ``first_stage`` indexes them as it does
+the stages. A model that declares none (torchvision's and timm's, whose taps are discovered,
+declare none) is refused when its side asks for them; the ImageNet recipe turns both options off,
+so there both networks' maps are post-ReLU where the authors' are not (the deviation left).
+The pooled features are the classifier's input on both sides, as in the authors' code (with
+NORM's FT on the student, the student's is taken after FT).
 """
 
 from __future__ import annotations
@@ -45,10 +49,27 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 from torch import nn
 
 from normkd.errors import ConfigError
-from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
+from normkd.losses.base import (
+    BuildContext,
+    LossTerm,
+    StepState,
+    TapShapes,
+    TermConfig,
+    register_term,
+)
 
 HCL_LEVELS = (4, 2, 1)  # the pooled grid sizes of the hierarchical context loss
 MAX_MID = 512  # the authors' cap on the ABFs' width
+# Which maps each side reviews by default, the authors' CIFAR choice: the teacher's before their
+# last ReLU (mdistiller reads its preact_feats always), the student's after it (mdistiller
+# engine/cfg.py REVIEWKD.STU_PREACT False, which configs/cifar100/reviewkd.yaml keeps).
+TEACHER_PREACT = True
+STUDENT_PREACT = False
+
+
+def _tap_kinds(preact: bool) -> frozenset[str]:
+    """The taps one side hands ReviewKD: its pre-activation or its stage maps, and pooled."""
+    return frozenset({"preact" if preact else "stages", "pooled"})
 
 
 def hcl_loss(
@@ -111,8 +132,8 @@ def _levels(stages: list[torch.Tensor], pooled: torch.Tensor, first: int) -> lis
 class ReviewKDLoss(LossTerm):
     """Sum over levels of HCL(ABF chain output, teacher map), the chain run deep to shallow."""
 
-    student_taps = frozenset({"stages", "pooled"})
-    teacher_taps = frozenset({"stages", "pooled"})
+    student_taps = _tap_kinds(STUDENT_PREACT)
+    teacher_taps = _tap_kinds(TEACHER_PREACT)
 
     def __init__(
         self,
@@ -122,9 +143,15 @@ class ReviewKDLoss(LossTerm):
         teacher_first_stage: int | None = None,
         mid_channels: int | None = None,
         warmup: int = 20,
+        teacher_preact: bool = TEACHER_PREACT,
+        student_preact: bool = STUDENT_PREACT,
     ) -> None:
-        """``s_shapes``/``t_shapes``: the reviewed maps' (C, H, W), shallow to deep, pooled last."""
+        """``s_shapes``/``t_shapes``: the reviewed maps' (C, H, W), shallow to deep, pooled last;
+        ``*_preact``: that side reviews its pre-activation maps (the ``preact`` tap)."""
         super().__init__()
+        self.teacher_preact, self.student_preact = teacher_preact, student_preact
+        self.student_taps = _tap_kinds(student_preact)
+        self.teacher_taps = _tap_kinds(teacher_preact)
         if len(s_shapes) != len(t_shapes) or len(s_shapes) < 2:
             raise ValueError(
                 f"the student reviews {len(s_shapes)} maps and the teacher gives {len(t_shapes)}; "
@@ -159,8 +186,11 @@ class ReviewKDLoss(LossTerm):
     def forward(self, state: StepState) -> torch.Tensor:
         assert state.teacher is not None and state.student.pooled is not None
         assert state.teacher.pooled is not None
-        s = _levels(state.student.stages, state.student.pooled, self.first_stage)
-        t = _levels(state.teacher.stages, state.teacher.pooled, self.teacher_first_stage)
+        student, teacher = state.student, state.teacher
+        s_maps = student.preact if self.student_preact else student.stages
+        t_maps = teacher.preact if self.teacher_preact else teacher.stages
+        s = _levels(s_maps, student.pooled, self.first_stage)
+        t = _levels(t_maps, teacher.pooled, self.teacher_first_stage)
         if len(s) != len(self.abfs) or len(t) != len(self.abfs):
             raise ValueError(
                 f"ReviewKD: built for {len(self.abfs)} levels, got {len(s)} / {len(t)}"
@@ -179,14 +209,19 @@ class ReviewKDTerm(TermConfig):
     teacher_first_stage: NonNegativeInt | None = None  # default: the student's
     mid_channels: PositiveInt | None = None  # ABF width; None: min(512, student's pooled channels)
     warmup: NonNegativeInt = 20  # linear ramp epochs (mdistiller WARMUP_EPOCHS); 0 or 1: none
+    teacher_preact: bool = TEACHER_PREACT  # the teacher's maps before their last ReLU
+    student_preact: bool = STUDENT_PREACT  # the student's too (mdistiller STU_PREACT)
     term: ClassVar[type[LossTerm]] = ReviewKDLoss
     label: ClassVar[str] = "ReviewKD"
 
     def build(self, ctx: BuildContext) -> LossTerm:
         s, t = ctx.pair(self.kind)
         t_first = self.first_stage if self.teacher_first_stage is None else self.teacher_first_stage
-        s_maps = _reviewed(s.stages, s.pooled, self.first_stage, f"student {ctx.student_name}")
-        t_maps = _reviewed(t.stages, t.pooled, t_first, f"teacher {ctx.teacher_name}")
+        s_who, t_who = f"student {ctx.student_name}", f"teacher {ctx.teacher_name}"
+        s_stages = _stage_shapes(s, self.student_preact, s_who, "student_preact")
+        t_stages = _stage_shapes(t, self.teacher_preact, t_who, "teacher_preact")
+        s_maps = _reviewed(s_stages, s.pooled, self.first_stage, s_who)
+        t_maps = _reviewed(t_stages, t.pooled, t_first, t_who)
         if len(s_maps) != len(t_maps):
             raise ConfigError(
                 f"loss reviewkd: student {ctx.student_name} reviews {len(s_maps) - 1} stages from "
@@ -194,8 +229,30 @@ class ReviewKDTerm(TermConfig):
                 f"{len(t_maps) - 1} from {t_first}; set teacher_first_stage so they agree"
             )
         return ReviewKDLoss(
-            s_maps, t_maps, self.first_stage, t_first, self.mid_channels, self.warmup
+            s_maps,
+            t_maps,
+            self.first_stage,
+            t_first,
+            self.mid_channels,
+            self.warmup,
+            teacher_preact=self.teacher_preact,
+            student_preact=self.student_preact,
         )
+
+
+def _stage_shapes(
+    shapes: TapShapes, preact: bool, who: str, option: str
+) -> tuple[tuple[int, ...], ...]:
+    """(C, H, W) of one side's stage maps: its pre-activation ones when ``preact``, which a model
+    must declare (``TapSpec.preact_stages``)."""
+    if not preact:
+        return shapes.stages
+    if not shapes.preact:
+        raise ConfigError(
+            f"loss reviewkd: {who} declares no pre-activation stage maps; set {option}: false "
+            "to review its stage maps after their ReLU"
+        )
+    return shapes.preact
 
 
 def _reviewed(

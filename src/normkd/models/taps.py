@@ -28,8 +28,10 @@ from torch import nn
 #   feat    - the last map (what global pooling reads, a ViT's patch tokens on their grid; the
 #             student's is taken before FT);
 #   stages  - the stage maps, shallow to deep (as maps too);
-#   pooled  - the classifier's input (the student's is taken after FT).
-TAP_KINDS = ("logits", "feat", "stages", "pooled")
+#   pooled  - the classifier's input (the student's is taken after FT);
+#   preact  - the stage maps before their last activation (``TapSpec.preact_stages``; none for a
+#             model that declares none), read by forward pre-hooks only when a term asks.
+TAP_KINDS = ("logits", "feat", "stages", "pooled", "preact")
 # How a model's last representation holds its channels (TapSpec.layout).
 LAYOUTS = ("map", "tokens", "nhwc")
 
@@ -53,6 +55,12 @@ class TapSpec:
         and the (rows, columns) of the patch tokens after them, measured on the discovery input.
     heads: further classifiers reading the same representation as ``classifier`` (DeiT's
         distillation head, whose logits are averaged with the class head's): FT merges into each.
+    preact_stages: modules whose *input* is each stage's map before its last activation (what
+        RepDistiller / mdistiller return as ``preact_feats``), aligned with ``stages`` (same
+        length and shapes), or empty when the model declares none. An input, not an output,
+        because the pre-activation sum of a residual block is no module's output; a module
+        called with several tensors gives their concatenation along channels (see
+        :func:`module_input`).
     """
 
     feat: str
@@ -64,11 +72,17 @@ class TapSpec:
     prefix_tokens: int = 0
     grid: tuple[int, int] | None = None
     heads: tuple[str, ...] = field(default_factory=tuple)
+    preact_stages: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if len(self.stages) != len(self.stage_channels):
             raise ValueError(
                 f"TapSpec: {len(self.stages)} stages but {len(self.stage_channels)} stage channel counts"
+            )
+        if self.preact_stages and len(self.preact_stages) != len(self.stages):
+            raise ValueError(
+                f"TapSpec: {len(self.preact_stages)} pre-activation stages for {len(self.stages)} "
+                "stages; declare one per stage or none"
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"TapSpec: layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -458,6 +472,36 @@ def _recorder(store: dict[str, torch.Tensor], name: str):
     return hook
 
 
+def module_input(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The map a forward pre-hook on ``mod`` reads: its input, or its several inputs concatenated
+    along channels; cloned when ``mod`` works in place, which would overwrite it afterwards."""
+    x = args[0] if len(args) == 1 else torch.cat(args, 1)
+    return x.clone() if x is args[0] and getattr(mod, "inplace", False) else x
+
+
+@contextlib.contextmanager
+def capture_inputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the inputs (:func:`module_input`) of the named submodules during forwards inside
+    the ``with`` block: how pre-activation maps, which no module returns, are read."""
+    store: dict[str, torch.Tensor] = {}
+    handles = [
+        get_module(model, n).register_forward_pre_hook(_input_recorder(store, n))
+        for n in dict.fromkeys(names)
+    ]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _input_recorder(store: dict[str, torch.Tensor], name: str):
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        store[name] = module_input(mod, args)
+
+    return hook
+
+
 @dataclass
 class Taps:
     """The maps one model produced in one forward."""
@@ -466,6 +510,7 @@ class Taps:
     feat: torch.Tensor | None = None
     stages: list[torch.Tensor] = field(default_factory=list)
     pooled: torch.Tensor | None = None
+    preact: list[torch.Tensor] = field(default_factory=list)  # empty unless a term asks
     # What a term's own modules on the student handed on in this forward (see StudentWrapper):
     # collected for the terms that declare the ``wrapper`` tap.
     wrapper: Any = None
@@ -507,6 +552,7 @@ class TapShapes:
     feat: tuple[int, ...]
     stages: tuple[tuple[int, ...], ...]
     pooled: tuple[int, ...]
+    preact: tuple[tuple[int, ...], ...] = ()  # empty: the model declares no pre-activation maps
 
     @classmethod
     def of(cls, taps: Taps) -> TapShapes:
@@ -517,6 +563,7 @@ class TapShapes:
             feat=tuple(taps.feat.shape[1:]),
             stages=tuple(tuple(s.shape[1:]) for s in taps.stages),
             pooled=tuple(taps.pooled.shape[1:]),
+            preact=tuple(tuple(p.shape[1:]) for p in taps.preact),
         )
 
 
@@ -525,14 +572,16 @@ class TapHooks:
 
     Kept registered for a whole run (``Distiller.hooks_kept``), they let ``torch.compile``
     trace a step end to end: registering a hook inside traced code breaks its graph.
-    :func:`collect_taps` registers them for one block. ``feat`` and ``stages`` come as
-    ``(B, C, H, W)`` maps in every layout (:func:`as_map`).
+    :func:`collect_taps` registers them for one block. ``feat``, ``stages`` and ``preact`` come
+    as ``(B, C, H, W)`` maps in every layout (:func:`as_map`). Only the kinds in ``needs`` are
+    hooked: a run whose terms read no ``preact`` carries no pre-hook for it.
     """
 
     def __init__(self, model: nn.Module, spec: TapSpec, needs: frozenset[str]) -> None:
         self.spec, self.needs = spec, needs
         self._taps: Taps | None = None  # recording while not None
         self._maps: dict[str, torch.Tensor] = {}
+        self._inputs: dict[str, torch.Tensor] = {}  # the preact modules' inputs
         names = ([spec.feat] if "feat" in needs else []) + (
             list(spec.stages) if "stages" in needs else []
         )
@@ -540,6 +589,11 @@ class TapHooks:
             get_module(model, n).register_forward_hook(self._recorder(n))
             for n in dict.fromkeys(names)
         ]
+        if "preact" in needs:
+            self._handles += [
+                get_module(model, n).register_forward_pre_hook(self._input_recorder(n))
+                for n in dict.fromkeys(spec.preact_stages)
+            ]
         if "pooled" in needs:
 
             def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -556,6 +610,13 @@ class TapHooks:
 
         return hook
 
+    def _input_recorder(self, name: str):
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if self._taps is not None:
+                self._inputs[name] = module_input(mod, args)
+
+        return hook
+
     @contextlib.contextmanager
     def collect(self) -> Iterator[Taps]:
         """Forwards of the model inside the block fill the yielded taps (the last call wins)."""
@@ -569,8 +630,12 @@ class TapHooks:
             taps.stages = (
                 [as_map(maps[s], spec) for s in spec.stages] if "stages" in self.needs else []
             )
+            if "preact" in self.needs:
+                taps.preact = [as_map(self._inputs[n], spec) for n in spec.preact_stages]
         finally:
             self._taps, self._maps = None, {}
+            if self._inputs:  # only a preact-reading run has any
+                self._inputs = {}
 
     def remove(self) -> None:
         for h in self._handles:

@@ -99,6 +99,13 @@ class MobileNetV2(nn.Module):
             classifier="classifier.0",
             stages=("conv1", *(f"blocks.{i}" for i in _TAPPED_STAGES)),
             stage_channels=(int(32 * width_mult), *(stage_out[i] for i in _TAPPED_STAGES)),
+            # No distinct pre-activation map: the blocks end in a linear projection, and
+            # RepDistiller's preact=True returns the same maps (mdistiller returns no
+            # preact_feats). Declared as those maps, read as what the next module takes in.
+            preact_stages=tuple(
+                f"blocks.{i + 1}" if i + 1 < len(_STAGES) else "conv2"
+                for i in (-1, *_TAPPED_STAGES)
+            ),
         )
         self._init_weights()
 

@@ -74,12 +74,16 @@ class CifarResNet(nn.Module):
 
         init_weights(self, conv="kaiming")
 
+        # Pre-activation maps as RepDistiller / mdistiller's ``preact_feats``: the stem's output
+        # (no ReLU-free version is returned; it is what layer1 reads), then each stage's last
+        # block before its out_relu (bn2(conv2(.)) + shortcut).
         self.tap_spec = TapSpec(
             feat="layer3",
             feat_channels=widths[3],
             classifier="fc",
             stages=("relu", "layer1", "layer2", "layer3"),
             stage_channels=tuple(widths),
+            preact_stages=("layer1", *(f"layer{k}.{n - 1}.out_relu" for k in (1, 2, 3))),
         )
 
     @staticmethod

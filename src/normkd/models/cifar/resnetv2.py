@@ -37,13 +37,15 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
                 nn.BatchNorm2d(out_planes),
             )
+        # A module (not F.relu), parameter-free: its input is the tapped pre-activation sum.
+        self.out_relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block (no in-place ops, so hooked outputs are never overwritten)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out)) + self.shortcut(x)
-        return F.relu(out)
+        return self.out_relu(out)
 
 
 class ResNetV2(nn.Module):
@@ -72,12 +74,18 @@ class ResNetV2(nn.Module):
         self.linear = nn.Linear(in_planes, num_classes)
 
         widths = tuple(p * Bottleneck.expansion for p in (64, 128, 256, 512))
+        # preact as RepDistiller / mdistiller's preact_feats: the stem's output (what layer1
+        # reads), then each stage's last block before its out_relu (bn3(conv3(.)) + shortcut).
         self.tap_spec = TapSpec(
             feat="layer4",
             feat_channels=in_planes,
             classifier="linear",
             stages=("relu", "layer1", "layer2", "layer3", "layer4"),
             stage_channels=(64, *widths),
+            preact_stages=(
+                "layer1",
+                *(f"layer{k}.{n - 1}.out_relu" for k, n in enumerate(num_blocks, 1)),
+            ),
         )
         self._init_weights(zero_init_residual)
 

@@ -42,6 +42,8 @@ class Bottleneck(nn.Module):
         self.shortcut: nn.Module = (
             nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
         )
+        # A module (not F.relu), parameter-free: its input is the tapped pre-activation merge.
+        self.out_relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the unit; the ReLU comes after the merge, as in the reference."""
@@ -51,7 +53,7 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
         out = torch.cat([out, res], 1) if self.stride == 2 else out + res
-        return F.relu(out)
+        return self.out_relu(out)
 
 
 class ShuffleNetV1(nn.Module):
@@ -88,6 +90,12 @@ class ShuffleNetV1(nn.Module):
             classifier="linear",
             stages=("relu", "layer1", "layer2", "layer3"),
             stage_channels=(24, *out_planes),
+            # RepDistiller / mdistiller's preact_feats: the stem's output (what layer1 reads),
+            # then each stage's last unit before its out_relu (the sum, or the concatenation).
+            preact_stages=(
+                "layer1",
+                *(f"layer{k}.{n - 1}.out_relu" for k, n in enumerate(num_blocks, 1)),
+            ),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

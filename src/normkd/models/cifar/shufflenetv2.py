@@ -31,6 +31,16 @@ def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+class Merge(nn.Module):
+    """A unit's end: the kept half and the branch's ReLU, concatenated, then shuffled.
+
+    A parameter-free module so its inputs, the kept half and the branch before its ReLU, can
+    be tapped (concatenated, they are the reference's pre-activation map of the unit)."""
+
+    def forward(self, keep: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return channel_shuffle(torch.cat([keep, F.relu(branch)], 1))
+
+
 class BasicBlock(nn.Module):
     """Stride-1 unit: half the channels pass through, the other half goes 1x1 -> dw 3x3 -> 1x1."""
 
@@ -44,6 +54,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c)
         self.conv3 = nn.Conv2d(c, c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
+        self.merge = Merge()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the unit: the kept half comes first in the concatenation, then shuffle."""
@@ -51,8 +62,7 @@ class BasicBlock(nn.Module):
         keep, work = x[:, :c], x[:, c:]
         out = F.relu(self.bn1(self.conv1(work)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([keep, out], 1))
+        return self.merge(keep, self.bn3(self.conv3(out)))
 
 
 class DownBlock(nn.Module):
@@ -116,6 +126,10 @@ class ShuffleNetV2(nn.Module):
             classifier="linear",
             stages=("relu", "layer1", "layer2", "layer3"),
             stage_channels=(24, *widths[:3]),
+            # RepDistiller / mdistiller's preact_feats: the stem's output (what layer1 reads),
+            # then each stage's last unit's [kept half, branch before its ReLU], *not shuffled*
+            # (their stage maps are): the inputs of its merge, concatenated.
+            preact_stages=("layer1", *(f"layer{k}.{n}.merge" for k, n in enumerate(num_blocks, 1))),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

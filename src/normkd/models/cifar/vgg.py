@@ -86,6 +86,9 @@ class VGG(nn.Module):
             classifier="classifier",
             stages=("relu0", "relu1", "relu2", "relu3", "relu4"),
             stage_channels=tuple(block[-1] for block in cfg),
+            # RepDistiller / mdistiller's preact_feats: the stem's post-ReLU map (what pool0
+            # reads), then each block's BN output before its ReLU.
+            preact_stages=("pool0", "relu1", "relu2", "relu3", "relu4"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -102,12 +102,19 @@ class WideResNet(nn.Module):
         # outputs: pre-activation sums, block3 before the final BN-ReLU), so AT and FitNet pair
         # the published baselines' maps. feat is the post-BN-ReLU map pooling reads, the one
         # NORM's FT must follow for its merge into fc to be exact.
+        # Their preact_feats are no map before a stage's own ReLU (a WRN stage ends in a sum):
+        # the stem conv's output, then each stage's output through the BN the net applies next
+        # (block2.layer[0].bn1, block3.layer[0].bn1, the final bn1), i.e. what the ReLU after
+        # that BN reads. The reference calls those BNs a second time after the forward: the
+        # same values (in training mode it also updates their running statistics twice; here
+        # once). relu1 is in place, so the capture clones its input.
         self.tap_spec = TapSpec(
             feat="relu",
             feat_channels=widths[3],
             classifier="fc",
             stages=("conv1", "block1", "block2", "block3"),
             stage_channels=widths,
+            preact_stages=("block1", "block2.layer.0.relu1", "block3.layer.0.relu1", "relu"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
