@@ -261,7 +261,10 @@ def test_preact_and_post_relu_teachers_give_different_losses(zoo_distiller):
 
 @pytest.mark.parametrize(
     ("pair", "option"),
-    [(("resnet18", "resnet8"), "teacher_preact"), (("resnet8x4", "resnet18"), "student_preact")],
+    [
+        (("mobilenet_v2", "resnet8"), "teacher_preact"),
+        (("resnet8x4", "mobilenet_v2"), "student_preact"),
+    ],
 )
 def test_a_model_without_preact_maps_is_one_config_error_naming_the_option(
     zoo_distiller, pair, option
@@ -305,7 +308,22 @@ def test_reviewkd_trains_on_digits_through_the_cli_and_deploys_the_plain_student
     ["cifar100/resnet20__resnet8/reviewkd.yaml", "imagenet/resnet34__resnet18/reviewkd.yaml"],
 )
 def test_reviewkd_recipes_build_in_a_dry_run(recipe, tmp_path, recipe_dry_run):
-    # (the other CIFAR pairs' reviewkd.yaml dry-run in tests/test_recipes.py; the ImageNet one
-    # turns the pre-activation options off: torchvision's models declare no such maps)
+    # (the other CIFAR pairs' reviewkd.yaml dry-run in tests/test_recipes.py)
     printed = recipe_dry_run(CONFIGS / recipe, tmp_path)
     assert "reviewkd=" in printed and "dry run ok" in printed
+
+
+@pytest.mark.parametrize(
+    ("recipe", "student_preact"),
+    [
+        ("cifar100/resnet20__resnet8/reviewkd.yaml", False),
+        ("imagenet/resnet34__resnet18/reviewkd.yaml", True),
+    ],
+)
+def test_reviewkd_recipes_review_the_maps_the_authors_do(recipe, student_preact):
+    """The teacher's maps before their last ReLU in both; the student's too on ImageNet only
+    (mdistiller's STU_PREACT: off in its CIFAR config, on in configs/imagenet/r34_r18)."""
+    from normkd.config import load_recipe
+
+    (term,) = [t for t in load_recipe(CONFIGS / recipe).loss if t.kind == "reviewkd"]
+    assert (term.teacher_preact, term.student_preact) == (True, student_preact)

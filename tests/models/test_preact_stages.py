@@ -21,7 +21,8 @@ WRNS = ["wrn_16_1", "wrn_16_2", "wrn_40_1"]
 VGGS = ["vgg8", "vgg13"]
 OTHERS = ["ResNet50", "ShuffleV1", "ShuffleV2", "MobileNetV2"]
 CIFAR = RESNETS + WRNS + VGGS + OTHERS
-TORCHVISION = ["resnet18", "mobilenet_v2"]  # taps discovered, not declared: no preact
+TORCHVISION_RESNETS = ["resnet18", "resnet50"]  # declared: each last block's sum before its relu
+TORCHVISION = ["mobilenet_v2"]  # no preact declared
 
 
 def _model(name: str) -> nn.Module:
@@ -67,6 +68,16 @@ def _shufflev2_last(unit: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h[:, :c], unit.bn3(unit.conv3(out))], 1)
 
 
+def _torchvision_last(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A torchvision BasicBlock's / Bottleneck's residual sum, before its last ``relu`` call."""
+    out = F.relu(block.bn1(block.conv1(h)))
+    if hasattr(block, "conv3"):
+        out = block.bn3(block.conv3(F.relu(block.bn2(block.conv2(out)))))
+    else:
+        out = block.bn2(block.conv2(out))
+    return out + (h if block.downsample is None else block.downsample(h))
+
+
 def _staged(layers: list[nn.Sequential], h: torch.Tensor, last) -> list[torch.Tensor]:
     """Per stage: run all but its last block, then ``last`` by hand; the stage output goes on."""
     maps = []
@@ -99,6 +110,9 @@ def _by_hand(name: str, m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
             if i in (1, 2, 4, 6):
                 maps.append(h)
         return maps
+    if name in TORCHVISION_RESNETS:  # no stem among their stages
+        h = m.maxpool(F.relu(m.bn1(m.conv1(x))))
+        return _staged([m.layer1, m.layer2, m.layer3, m.layer4], h, _torchvision_last)
     f0 = F.relu(m.bn1(m.conv1(x)))
     if name.startswith("resnet"):
         return [f0, *_staged([m.layer1, m.layer2, m.layer3], f0, _resnet_last)]
@@ -141,7 +155,23 @@ def test_preact_maps_are_the_references_computed_by_hand(name):
         assert torch.equal(F.relu(got[-1]), feat)
 
 
-@pytest.mark.parametrize("name", CIFAR + TORCHVISION)
+@pytest.mark.parametrize("name", TORCHVISION_RESNETS)
+@torch.no_grad()
+def test_torchvision_resnets_give_each_stages_last_sum_before_its_relu(name):
+    """mdistiller's ImageNet preact_feats: torchvision's block calls one in-place ``relu`` after
+    each BN and last on the sum; the tap keeps that last call, unharmed by the in-place ReLU."""
+    m = _model(name)
+    x = torch.randn(2, 3, 64, 64)
+    got, stages, feat = _captured(m, x)
+    want = _by_hand(name, m, x)
+    assert len(got) == len(want) == len(stages) == 4
+    for i, (g, w, post) in enumerate(zip(got, want, stages, strict=True)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=f"{name} preact {i}")
+        assert torch.equal(F.relu(g), post) and g.min() < 0
+    assert torch.equal(stages[-1], feat)
+
+
+@pytest.mark.parametrize("name", CIFAR + TORCHVISION_RESNETS + TORCHVISION)
 def test_declared_preact_stages_align_with_the_stages(name):
     spec = get_taps(create_model(name, num_classes=10))
     if name in TORCHVISION:

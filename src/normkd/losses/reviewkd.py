@@ -32,9 +32,10 @@ always, the authors' CIFAR code runs the teacher with ``preact=True``) and the s
 keeps; its ImageNet configs turn it on, and the authors' ImageNet blocks leave the ReLU out).
 These are the ``preact`` tap, the maps a model declares in ``TapSpec.preact_stages``: the CIFAR
 zoo declares RepDistiller / mdistiller's, stem first, so ``first_stage`` indexes them as it does
-the stages. A model that declares none (torchvision's and timm's, whose taps are discovered,
-declare none) is refused when its side asks for them; the ImageNet recipe turns both options off,
-so there both networks' maps are post-ReLU where the authors' are not (the deviation left).
+the stages; torchvision's ResNets declare each stage's last residual sum (mdistiller's ImageNet
+``preact_feats``), so the ImageNet recipe reviews both sides before the ReLU, as the authors. A
+model that declares none (discovered taps: timm's, torchvision's MobileNetV2) is refused when its
+side asks for them, with the option to turn off named.
 The pooled features are the classifier's input on both sides, as in the authors' code (with
 NORM's FT on the student, the student's is taken after FT).
 """

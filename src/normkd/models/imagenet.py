@@ -39,7 +39,11 @@ def _block_channels(block: nn.Module) -> int:
 
 
 def _resnet_taps(model: ResNet) -> ResNet:
-    """Declare ResNet taps (stages layer1..4, feat layer4, classifier fc) for the distillers."""
+    """Declare ResNet taps (stages layer1..4, feat layer4, classifier fc) for the distillers.
+
+    Pre-activation maps (mdistiller's ImageNet ``preact_feats``, whose blocks leave the last ReLU
+    out): each stage's last block's residual sum, the input of that block's ``relu``. torchvision
+    calls that one module after each BN and last on the sum, and a tap keeps the last call."""
     stages = ("layer1", "layer2", "layer3", "layer4")
     model.tap_spec = TapSpec(
         feat="layer4",
@@ -47,6 +51,7 @@ def _resnet_taps(model: ResNet) -> ResNet:
         classifier="fc",
         stages=stages,
         stage_channels=tuple(_block_channels(getattr(model, s)[-1]) for s in stages),
+        preact_stages=tuple(f"{s}.{len(getattr(model, s)) - 1}.relu" for s in stages),
     )
     return model
 
