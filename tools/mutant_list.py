@@ -942,6 +942,23 @@ MUTANTS: list[Mutant] = [
         'if setting not in ("kind", "weight") and value is not None:',
         T_API,
     ),
+    Mutant(
+        "preact-inplace-uncloned",
+        "normkd/models/taps.py",
+        "a pre-activation map read at an in-place ReLU is kept uncloned (the ReLU overwrites it)",
+        'return x.clone() if x is args[0] and getattr(mod, "inplace", False) else x',
+        "return x",
+        ("tests/models/test_preact_stages.py", "tests/losses/test_reviewkd.py"),
+    ),
+    Mutant(
+        "preact-first-call-kept",
+        "normkd/models/taps.py",
+        "the trainer's pre-activation hook keeps a module's first call, not its last",
+        "            if self._taps is not None:\n                self._inputs[name] = module_input(mod, args)",
+        "            if self._taps is not None and name not in self._inputs:\n"
+        "                self._inputs[name] = module_input(mod, args)",
+        ("tests/models/test_preact_stages.py", "tests/losses/test_reviewkd.py"),
+    ),
     # ------------------------------------------------------------------ the canary
     Mutant(
         "equivalent-docstring",

@@ -169,6 +169,9 @@ def test_torchvision_resnets_give_each_stages_last_sum_before_its_relu(name):
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=f"{name} preact {i}")
         assert torch.equal(F.relu(g), post) and g.min() < 0
     assert torch.equal(stages[-1], feat)
+    with collect_taps(m, get_taps(m), frozenset({"preact"})) as taps:  # the trainer's hooks
+        m(x)
+    torch.testing.assert_close(taps.preact, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", CIFAR + TORCHVISION_RESNETS + TORCHVISION)
