@@ -14,6 +14,8 @@ from normkd.losses.wkd import (
     WKDLogitLoss,
     WKDLogitTerm,
     cka_cost_matrix,
+    cka_form,
+    cka_workspace_bytes,
     classifier_cost_matrix,
     cosine_decay,
     gaussian_w2_parts,
@@ -118,6 +120,63 @@ def test_cost_matrices_from_class_features_and_classifier_rows():
     w = torch.randn(4, 3, generator=g, dtype=D64)
     cos = F.cosine_similarity(w[:, None], w[None], dim=2)
     assert torch.allclose(classifier_cost_matrix(w, 0), 1 - cos)
+
+
+def _pairwise_cka_cost(feats):
+    """The cost by its definition: linear_cka of every pair in turn (the old double loop)."""
+    c = feats.shape[0]
+    cost = torch.zeros(c, c, dtype=feats.dtype)
+    for i in range(c):
+        for j in range(i + 1, c):
+            cost[i, j] = cost[j, i] = 1 - linear_cka(feats[i], feats[j])
+    return cost
+
+
+def _class_rows(c, n, d, dtype, seed):
+    """Rows like a teacher's: non-negative, class means far from 0, scales that differ."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(c, n, d, generator=g, dtype=dtype) * torch.rand(
+        c, 1, d, generator=g, dtype=dtype
+    )
+    return torch.relu(f + 2 * torch.randn(c, 1, d, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("c", "n", "d", "form"),
+    [(7, 300, 6, "feature"), (11, 5, 40, "kernel"), (6, 24, 24, "kernel"), (5, 40, 12, "feature")],
+)
+def test_the_cost_without_a_loop_over_pairs_is_linear_cka_of_every_pair(c, n, d, form):
+    assert cka_form(c, n, d) == form
+    feats = _class_rows(c, n, d, D64, seed=c * n)
+    want = _pairwise_cka_cost(feats)
+    ticks: list[tuple[int, int]] = []
+    small = 8 * (n * d + c * c + 2 * c * n)  # a block of one class; 2 rows of every K a chunk
+    for workspace in (2**29, small):
+        ticks.clear()
+        cost = cka_cost_matrix(feats, workspace=workspace, progress=lambda *t: ticks.append(t))
+        torch.testing.assert_close(cost, want, rtol=0, atol=1e-12)
+        assert torch.equal(cost, cost.t()) and torch.all(cost.diag() == 0)
+        assert ticks[-1][0] == ticks[-1][1] == len(ticks)  # progress ends at its total
+    assert len(ticks) > 1  # the small workspace did split the work
+    assert cka_cost_matrix(feats[:1]).tolist() == [[0.0]]
+
+
+@pytest.mark.parametrize(("c", "n", "d"), [(9, 2000, 16), (12, 30, 50)])
+def test_in_float32_the_cost_is_the_pairwise_loops_to_a_few_ulps(c, n, d):
+    feats = _class_rows(c, n, d, torch.float32, seed=n)
+    got, want = cka_cost_matrix(feats, workspace=4 * 4 * 3 * n * d), _pairwise_cka_cost(feats)
+    assert got.dtype == torch.float32 and want.max() > 0.05
+    assert float((got - want).abs().max()) <= 4 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize(("c", "n", "d"), [(100, 32_000, 64), (100, 128, 64), (1000, 732, 1000)])
+@pytest.mark.parametrize("workspace", [2**20, 2**29])
+def test_the_cka_workspace_stays_within_its_bound(c, n, d, workspace):
+    got = cka_workspace_bytes(c, n, d, workspace=workspace)
+    one_class = 4 * n * d
+    # Within the bound, unless one class's rows alone pass a quarter of it: then two classes' rows
+    # and their tiles, or one class's rows and a row of every K.
+    assert got <= max(workspace, 2 * one_class + 8 * d * d + 4 * c * (n + c))
 
 
 def test_cost_matrix_files_load_safely_and_wrong_ones_are_refused(tmp_path):

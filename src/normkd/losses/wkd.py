@@ -41,7 +41,7 @@ and averaged over cells too. The projector is the term's: trained with the stude
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
 
@@ -65,19 +65,143 @@ SOURCES: tuple[str, ...] = get_args(Source)
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Linear CKA of two ``(n, d)`` feature matrices whose rows are paired samples."""
     x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
-    hsic = (y.t() @ x).pow(2).sum()
-    return hsic / ((x.t() @ x).norm() * (y.t() @ y).norm())
+    hsic = _gram(y, x).pow(2).sum()
+    return hsic / (_self_norm(x) * _self_norm(y))
 
 
-def cka_cost_matrix(class_feats: torch.Tensor, sharpen: float = 0.0) -> torch.Tensor:
+# The CKA's temporaries stay within this (or within two classes' rows where those are larger), so
+# making a cost takes the rows plus this, whatever the class count.
+CKA_WORKSPACE = 512 * 2**20
+
+
+def cka_cost_matrix(
+    class_feats: torch.Tensor,
+    sharpen: float = 0.0,
+    workspace: int = CKA_WORKSPACE,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """``(C, n, d)`` teacher features per class -> ``(C, C)`` cost ``1 - CKA`` (with ``sharpen``
-    k > 0: ``1 - exp(-k (1 - CKA))``; keep 0 for a file the term loads, since it sharpens)."""
-    c = class_feats.shape[0]
-    cost = torch.zeros(c, c, dtype=class_feats.dtype)
-    for i in range(c):
-        for j in range(i + 1, c):
-            cost[i, j] = cost[j, i] = 1 - linear_cka(class_feats[i], class_feats[j])
-    return sharpen_cost(cost, sharpen)
+    k > 0: ``1 - exp(-k (1 - CKA))``; keep 0 for a file the term loads, since it sharpens).
+
+    :func:`linear_cka` of every pair without a loop over pairs: each class centred as it centres
+    and its normaliser taken once, the cross terms ``||Yc^T Xc||_F^2`` from GEMMs over blocks of
+    classes in the cheaper of two forms (:func:`cka_form`). ``workspace`` bounds the temporaries'
+    bytes; ``progress(done, total)`` is called after each block."""
+    c, n, d = class_feats.shape
+    if c < 2:
+        return torch.zeros(c, c, dtype=class_feats.dtype)
+    means = torch.stack([f.mean(0, keepdim=True) for f in class_feats])  # (C, 1, d)
+    if cka_form(c, n, d) == "feature":
+        hsic = _feature_hsic(class_feats, means, workspace, progress)
+        norms = torch.stack([_self_norm(f - m) for f, m in zip(class_feats, means, strict=True)])
+    else:
+        hsic = _kernel_hsic(class_feats, means, workspace, progress)
+        norms = hsic.diagonal().sqrt()  # ||Xc Xc^T||_F = ||Xc^T Xc||_F
+    upper = torch.triu(1 - hsic / (norms[:, None] * norms[None, :]), 1)
+    return sharpen_cost(upper + upper.t(), sharpen)  # symmetric, 0 on the diagonal
+
+
+def cka_form(c: int, n: int, d: int) -> Literal["feature", "kernel"]:
+    """The cheaper way to the cross terms, by multiply-adds: ``feature`` forms each pair's
+    ``(d, d)`` ``Yc^T Xc`` (``C^2 n d^2 / 2``); ``kernel`` each class's ``(n, n)`` ``Xc Xc^T`` and
+    every pair's ``<Kx, Ky>_F`` from one product (``C n^2 d + C^2 n^2``). CIFAR's last stage
+    (n = 32,000 rows of d = 64) takes the feature form, ImageNet's logits (n ~ 732, d = 1,000)
+    the kernel form."""
+    return "feature" if c * n * d * d / 2 <= n * n * (d + c) else "kernel"
+
+
+def cka_workspace_bytes(
+    c: int, n: int, d: int, itemsize: int = 4, workspace: int = CKA_WORKSPACE
+) -> int:
+    """The most the temporaries of :func:`cka_cost_matrix` take at once on ``(C, n, d)`` rows."""
+    if cka_form(c, n, d) == "kernel":  # a chunk of every K, one class's centred rows, the product
+        return itemsize * (c * _kernel_step(c, n, d, itemsize, workspace) * n + n * d + c * c)
+    per = _block_classes(n, d, itemsize, workspace)  # two blocks, a tile and its reordered copy
+    return itemsize * 2 * (per * n * d + (per * d) ** 2)
+
+
+def _gram(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Y^T X`` as :func:`linear_cka` forms it (the same GEMM, so the same float rounding)."""
+    return y.t() @ x
+
+
+def _self_norm(xc: torch.Tensor) -> torch.Tensor:
+    """``||Xc^T Xc||_F`` of centred rows, as :func:`linear_cka` takes it."""
+    return _gram(xc, xc).norm()
+
+
+def _block_classes(n: int, d: int, itemsize: int, workspace: int) -> int:
+    """Classes per block of the feature form: its centred rows ``(n, b d)`` and its tile
+    ``(b d, b d)`` each within a quarter of ``workspace`` (at least one class)."""
+    quarter = workspace // 4 // itemsize
+    return max(1, min(quarter // (n * d), math.isqrt(quarter) // d))
+
+
+def _kernel_step(c: int, n: int, d: int, itemsize: int, workspace: int) -> int:
+    """Rows of every class's ``K`` the kernel form takes at a time (at least one)."""
+    return max(1, min(n, (workspace // itemsize - n * d - c * c) // (c * n)))
+
+
+def _centred_block(feats: torch.Tensor, means: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    """Classes ``i0:i1``'s centred rows side by side, ``(n, (i1 - i0) d)``: a tile's operand."""
+    n, d = feats.shape[1:]
+    out = torch.empty(n, i1 - i0, d, dtype=feats.dtype)
+    torch.sub(feats[i0:i1].transpose(0, 1), means[i0:i1].transpose(0, 1), out=out)
+    return out.view(n, -1)
+
+
+def _feature_hsic(
+    feats: torch.Tensor,
+    means: torch.Tensor,
+    workspace: int,
+    progress: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    """``||Yc^T Xc||_F^2`` of every class pair (upper triangle), one GEMM per pair of blocks."""
+    c, n, d = feats.shape
+    per = _block_classes(n, d, feats.element_size(), workspace)
+    starts = range(0, c, per)
+    total, done = len(starts) * (len(starts) + 1) // 2, 0
+    hsic = torch.zeros(c, c, dtype=feats.dtype)
+    for a, i0 in enumerate(starts):
+        i1 = min(i0 + per, c)
+        left = _centred_block(feats, means, i0, i1)
+        for j0 in starts[a:]:
+            j1 = min(j0 + per, c)
+            right = left if j0 == i0 else _centred_block(feats, means, j0, j1)
+            # (J d, I d) -> (J, I, d, d): each pair's Y^T X contiguous, summed as linear_cka sums
+            tile = _gram(right, left).view(j1 - j0, d, i1 - i0, d).transpose(1, 2).contiguous()
+            hsic[i0:i1, j0:j1] = tile.pow_(2).flatten(2).sum(2).t()
+            del tile, right
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return hsic
+
+
+def _kernel_hsic(
+    feats: torch.Tensor,
+    means: torch.Tensor,
+    workspace: int,
+    progress: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    """``<Kx, Ky>_F`` (``= ||Yc^T Xc||_F^2``) of every class pair, ``K = Xc Xc^T``: a chunk of
+    rows of every class's K at a time, all pairs from one ``(C, r n) x (r n, C)`` product."""
+    c, n, d = feats.shape
+    step = _kernel_step(c, n, d, feats.element_size(), workspace)
+    starts = range(0, n, step)
+    hsic = torch.zeros(c, c, dtype=feats.dtype)
+    for done, r0 in enumerate(starts, 1):
+        r1 = min(r0 + step, n)
+        k = torch.empty(c, r1 - r0, n, dtype=feats.dtype)
+        for i in range(c):  # each class centred again per chunk: n d work against r n d
+            xc = feats[i] - means[i]
+            torch.mm(xc[r0:r1], xc.t(), out=k[i])
+        k = k.view(c, -1)
+        hsic += k @ k.t()
+        del k
+        if progress is not None:
+            progress(done, len(starts))
+    return hsic
 
 
 def classifier_cost_matrix(weight: torch.Tensor, sharpen: float = 0.0) -> torch.Tensor:
