@@ -55,7 +55,8 @@ def _direct(root, teacher_path, source="last_stage") -> tuple[torch.Tensor, torc
     mean = torch.tensor(split.mean).view(1, 3, 1, 1)
     std = torch.tensor(split.std).view(1, 3, 1, 1)
     x = (split.x_train.float() / 255 - mean) / std
-    feats = teacher_class_features(teacher, [(x, split.y_train)], 100, source)
+    counts = torch.bincount(split.y_train, minlength=100)
+    feats = teacher_class_features(teacher, [(x, split.y_train)], counts, source)
     return cka_cost_matrix(feats), feats
 
 

@@ -82,9 +82,10 @@ def wkd_override(recipe: Recipe, path: Path) -> str:
     return "--set " + shlex.quote(f"loss.{index}.cost_matrix={path}")
 
 
-def check_class_counts(labels: torch.Tensor, num_classes: int, source: Source) -> None:
-    """Refuse, before the pass, a split the chosen rows cannot be paired over: every class needs
-    an image, and last-stage rows pair the images of two classes one to one."""
+def check_class_counts(labels: torch.Tensor, num_classes: int, source: Source) -> torch.Tensor:
+    """The images per class; refuses, before the pass, a split the chosen rows cannot be paired
+    over: every class needs an image, and last-stage rows pair the images of two classes one to
+    one."""
     counts = torch.bincount(labels.long().flatten(), minlength=num_classes)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
@@ -99,6 +100,7 @@ def check_class_counts(labels: torch.Tensor, num_classes: int, source: Source) -
             f"needs as many; this training split has {low} to {high} per class: use --source "
             f"logits (each class cut to the smallest count, {low})"
         )
+    return counts
 
 
 def _batches(
@@ -133,8 +135,8 @@ def make_cost_file(
     device = resolve_device(recipe.engine.device)
     torch.manual_seed(recipe.engine.seed)  # as assemble does: whatever draws, draws the same
     data = build_data(recipe.data, Place(device, recipe.engine.seed), plain_train=True)
-    if data.train_labels is not None:
-        check_class_counts(data.train_labels, data.num_classes, source)
+    assert data.train_labels is not None  # every loader build_data makes knows its labels
+    counts = check_class_counts(data.train_labels, data.num_classes, source)
     teacher = build_teacher(cfg, data.num_classes).to(device)
     if progress:
         logger.info(
@@ -142,7 +144,7 @@ def make_cost_file(
             f"({recipe.data.kind}, un-augmented, in order) on {device}"
         )
     batches = _batches(data.train, device, progress)
-    feats = teacher_class_features(teacher, batches, data.num_classes, source)
+    feats = teacher_class_features(teacher, batches, counts, source)
     if progress:
         pairs = data.num_classes * (data.num_classes - 1) // 2
         logger.info(

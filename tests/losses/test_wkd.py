@@ -19,6 +19,7 @@ from normkd.losses.wkd import (
     classifier_cost_matrix,
     cosine_decay,
     gaussian_w2_parts,
+    image_row_shape,
     linear_cka,
     load_cost_matrix,
     mean_std,
@@ -316,10 +317,12 @@ def test_class_features_are_the_authors_rows_and_make_a_cost_the_term_loads(tmp_
     teacher = create_model("resnet8", num_classes=3).eval()
     x = torch.randn(6, 3, 8, 8)
     y = torch.tensor([2, 0, 1, 0, 2, 1])  # two images per class, in two batches
-    feats = teacher_class_features(teacher, [(x[:4], y[:4]), (x[4:], y[4:])], 3)
+    counts = torch.bincount(y, minlength=3)
+    feats = teacher_class_features(teacher, [(x[:4], y[:4]), (x[4:], y[4:])], counts)
     with torch.no_grad():
         maps = _last_stage(teacher, x)  # (6, 64, 2, 2)
     assert feats.shape == (3, 2 * 4, 64)  # each position of each image a row
+    assert image_row_shape(teacher, (3, 8, 8), "last_stage") == (4, 64)  # the probe agrees
     for c in range(3):
         imgs = [i for i in range(6) if y[i] == c]  # arrival order, image by image
         want = torch.cat([maps[i].flatten(1).t() for i in imgs])
@@ -335,13 +338,19 @@ def test_class_features_are_the_authors_rows_and_make_a_cost_the_term_loads(tmp_
 def test_logit_class_features_cut_every_class_to_the_smallest():
     teacher = create_model("resnet8", num_classes=3).eval()
     x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 0, 1, 2, 2])
-    feats = teacher_class_features(teacher, [(x, y)], 3, source="logits")
+    counts = torch.bincount(y, minlength=3)  # 2, 1, 2
+    feats = teacher_class_features(teacher, [(x, y)], counts, source="logits")
     with torch.no_grad():
         logits = teacher(x)
     assert feats.shape == (3, 1, 3)
+    assert image_row_shape(teacher, (3, 8, 8), "logits") == (1, 3)
     assert torch.allclose(feats[:, 0], logits[[0, 2, 3]], atol=1e-6)
     with pytest.raises(ValueError, match="every class needs the same"):
-        teacher_class_features(teacher, [(x, y)], 3)  # stage rows: counts 2, 1, 2
+        teacher_class_features(teacher, [(x, y)], counts)  # stage rows: counts 2, 1, 2
+    with pytest.raises(ValueError, match="not the 3 counts given"):  # a batch more than counted
+        teacher_class_features(teacher, [(x, y), (x[:1], y[:1])], counts, source="logits")
+    with pytest.raises(ValueError, match="not the 3 counts given"):  # one short
+        teacher_class_features(teacher, [(x[1:], y[1:])], counts, source="logits")
 
 
 def test_uniform_cost_says_it_is_not_the_published_method(capsys):

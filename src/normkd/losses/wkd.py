@@ -54,7 +54,7 @@ from normkd.errors import ConfigError
 from normkd.log import logger
 from normkd.losses.base import BuildContext, LossTerm, StepState, TermConfig, register_term
 from normkd.losses.fitnet import hint_regressor
-from normkd.models.taps import collect_taps, eval_mode, get_taps
+from normkd.models.taps import TapSpec, collect_taps, eval_mode, example_input, get_taps
 
 # ---------------------------------------------------------------- the cost matrix (WKD-L)
 
@@ -210,40 +210,71 @@ def classifier_cost_matrix(weight: torch.Tensor, sharpen: float = 0.0) -> torch.
     return sharpen_cost(1 - w @ w.t(), sharpen)
 
 
+def images_per_class(counts: torch.Tensor, source: Source) -> int:
+    """Images each class keeps: all of them for ``last_stage`` (whose rows pair the images of two
+    classes one to one, so every class needs as many), the smallest count for ``logits``."""
+    low, high = int(counts.min()), int(counts.max())
+    if low == 0 or (source == "last_stage" and low != high):
+        raise ValueError(f"class image counts {low} to {high}: every class needs the same, > 0")
+    return low
+
+
+def _image_rows(teacher: nn.Module, spec: TapSpec, x: torch.Tensor, source: Source) -> torch.Tensor:
+    """The teacher's ``(B, rows, d)`` rows of images ``x`` (eval mode is the caller's)."""
+    with collect_taps(teacher, spec, frozenset({"stages"})) as taps:
+        logits = teacher(x)
+    if source == "logits":
+        return logits.float().unsqueeze(1)
+    return taps.stages[-1].float().flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H W, C)
+
+
+@torch.no_grad()
+def image_row_shape(
+    teacher: nn.Module, in_shape: tuple[int, ...], source: Source
+) -> tuple[int, int]:
+    """``(rows, d)`` the teacher gives one image of ``in_shape``: one probe forward, so the
+    rows' memory is known before the pass."""
+    example = example_input(teacher, in_shape, batch=1)
+    with eval_mode(teacher):
+        rows = _image_rows(teacher, get_taps(teacher, example), example, source)
+    return rows.shape[1], rows.shape[2]
+
+
 @torch.no_grad()
 def teacher_class_features(
     teacher: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    num_classes: int,
+    counts: torch.Tensor,
     source: Source = "last_stage",
 ) -> torch.Tensor:
     """The ``(C, n, d)`` input of :func:`cka_cost_matrix`, as the authors make it.
 
-    ``batches`` yields ``(images, labels)`` of the training set without augmentation. ``last_stage``
-    (their CIFAR-100 files): the teacher's last stage map (``TapSpec.stages[-1]``, their
-    ``feats[-1]``) of every image, each spatial position a row, image by image; every class needs
-    the same image count. ``logits`` (their ImageNet files): one row per image, each class cut to
-    the smallest class's count. Rows keep the order the images came in (theirs: CIFAR-100 in the
-    dataset's order, ImageNet shuffled with seed 0), which pairs the rows of two classes for CKA.
-    Runs the teacher in eval mode; the rows stay on the CPU (CIFAR-100 from resnet32x4: 100 x
-    32,000 x 256 floats, 3.3 GB)."""
-    rows: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
-    spec = get_taps(teacher)
+    ``batches`` yields ``(images, labels)`` of the training set without augmentation; ``counts``
+    holds its images per class (``bincount`` of the labels), which sizes one ``(C, n, d)`` tensor
+    up front, so the rows are held once. ``last_stage`` (their CIFAR-100 files): the teacher's
+    last stage map (``TapSpec.stages[-1]``, their ``feats[-1]``) of every image, each spatial
+    position a row, image by image; every class needs the same image count. ``logits`` (their
+    ImageNet files): one row per image, each class cut to the smallest class's count. Rows keep
+    the order the images came in (theirs: CIFAR-100 in the dataset's order, ImageNet shuffled
+    with seed 0), which pairs the rows of two classes for CKA. Runs the teacher in eval mode; the
+    rows stay on the CPU (CIFAR-100 from resnet32x4: 100 x 32,000 x 256 floats, 3.3 GB)."""
+    keep = images_per_class(counts, source)
+    seen = [0] * len(counts)
+    spec, rows = get_taps(teacher), None
     with eval_mode(teacher):
         for x, y in batches:
-            with collect_taps(teacher, spec, frozenset({"stages"})) as taps:
-                logits = teacher(x)
-            if source == "logits":
-                feats = logits.float()
-            else:  # (B, C, H, W) -> (B, H * W, C): position-major rows per image
-                feats = taps.stages[-1].float().flatten(2).transpose(1, 2)
-            for f, label in zip(feats.cpu(), y.tolist(), strict=True):
-                rows[label].append(f)
-    counts = {len(r) for r in rows}
-    if 0 in counts or (source == "last_stage" and len(counts) > 1):
-        raise ValueError(f"class image counts {sorted(counts)}: every class needs the same, > 0")
-    n = min(counts)
-    return torch.stack([torch.stack(r[:n]).reshape(-1, r[0].shape[-1]) for r in rows])
+            feats = _image_rows(teacher, spec, x, source).cpu()
+            per_image = feats.shape[1]
+            if rows is None:  # the first batch tells the rows' shape
+                rows = feats.new_empty(len(counts), keep * per_image, feats.shape[2])
+            for f, label in zip(feats, y.tolist(), strict=True):
+                k = seen[label]
+                if k < keep:
+                    rows[label, k * per_image : (k + 1) * per_image] = f
+                seen[label] = k + 1
+    if rows is None or seen != counts.tolist():
+        raise ValueError(f"the batches' class image counts are not the {len(counts)} counts given")
+    return rows
 
 
 def sharpen_cost(cost: torch.Tensor, sharpen: float) -> torch.Tensor:
