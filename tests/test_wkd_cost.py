@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from normkd import wkd_cost
 from normkd.cli import main
 from normkd.data import load_cifar100
 from normkd.losses.wkd import cka_cost_matrix, teacher_class_features
@@ -37,7 +38,12 @@ def made(tmp_path_factory, teacher_file):
     root = write_cifar100(tmp_path_factory.mktemp("data"), 200, 100, balanced=True)
     argv = ["wkd-cost", RECIPE, *_sets(root, teacher_file), "--batch-size", "64"]
     printed = io.StringIO()  # capsys is per test; this runs once for the module
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+    with (
+        contextlib.redirect_stdout(printed),
+        contextlib.redirect_stderr(io.StringIO()),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setattr(wkd_cost, "CKA_QUIET_S", 0.0)  # the CKA's lines even when it is quick
         assert main(argv) == 0  # stderr no terminal: progress as lines, not a bar
     return root, printed.getvalue()
 
@@ -70,6 +76,10 @@ def test_the_file_is_the_teachers_cka_over_the_plain_training_set_in_order(made,
     out = teacher_file.parent / "wkd_cost_last_stage.safetensors"  # beside the teacher
     assert f"use it: --set loss.1.cost_matrix={out}" in printed
     assert "teacher pass, batch 4/4" in printed  # progress: 200 images, 64 at a time
+    assert "linear CKA, block 1/1" in printed
+    # The rows' memory, predicted before the pass from one probe image: 2 images a class, each
+    # 8 x 8 positions of resnet8's 64-channel last stage.
+    assert "the rows take 3.3 MB (100 classes x 128 rows x 64 floats)" in printed
     cost, meta = _read(out)
     want, feats = _direct(root, teacher_file)
     # Batches of 64 against one of 200, and the loader's fused normalisation: float noise only;
@@ -126,3 +136,36 @@ def test_an_existing_file_and_a_missing_teacher_are_one_line_errors(
     assert out.read_bytes() == b"someone's costs"
     no_teacher = ["wkd-cost", "demo/teacher.yaml", "--out", str(tmp_path / "t")]
     assert "has no teacher" in one_error_line(main, no_teacher, capsys)
+
+
+def test_rows_that_would_not_fit_in_memory_are_refused_before_the_pass(
+    made, teacher_file, tmp_path, capsys, monkeypatch
+):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8000 kB\nMemAvailable:    4000 kB\n")
+    monkeypatch.setattr(wkd_cost, "MEMINFO", meminfo)  # a machine with 4 MB to spare
+    out = tmp_path / "c.safetensors"
+    argv = ["wkd-cost", RECIPE, *_sets(made[0], teacher_file), "--out", str(out)]
+    assert one_error_line(main, argv, capsys) == (
+        "normkd: error: the teacher's last_stage rows need 3.3 MB (100 classes x 128 rows x 64 "
+        "floats) and the CKA up to 6.6 MB more, but 4.1 MB of memory is available: use --source "
+        "logits (one row per image) or a machine with more memory"
+    )
+    meminfo.write_text("MemAvailable:    10 kB\n")
+    line = one_error_line(main, [*argv, "--source", "logits"], capsys)
+    assert line.endswith(
+        "(100 classes x 2 rows x 100 floats) and the CKA up to 42 kB more, "
+        "but 10 kB of memory is available: use a machine with more memory"
+    )
+    assert not out.exists()
+
+
+def test_memory_available_reads_meminfo_and_is_unknown_without_it(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  16 kB\nMemFree:  2 kB\nMemAvailable:     12 kB\n")
+    monkeypatch.setattr(wkd_cost, "MEMINFO", meminfo)
+    assert wkd_cost.memory_available() == 12 * 1024
+    meminfo.write_text("MemTotal:  16 kB\n")  # an old kernel's: no estimate
+    assert wkd_cost.memory_available() is None
+    monkeypatch.setattr(wkd_cost, "MEMINFO", tmp_path / "absent")  # not Linux
+    assert wkd_cost.memory_available() is None

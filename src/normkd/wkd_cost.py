@@ -13,16 +13,18 @@ with seed 0 before cutting every class to the smallest count).
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 
 from normkd.config import ModelCfg, Recipe
@@ -33,7 +35,16 @@ from normkd.engine.rundir import check_output
 from normkd.engine.runtime import resolve_device
 from normkd.errors import UserError
 from normkd.log import logger
-from normkd.losses.wkd import SOURCES, Source, cka_cost_matrix, teacher_class_features
+from normkd.losses.wkd import (
+    SOURCES,
+    Source,
+    cka_cost_matrix,
+    cka_form,
+    cka_workspace_bytes,
+    image_row_shape,
+    images_per_class,
+    teacher_class_features,
+)
 from normkd.records import git_commit, machine_line, now, sha256
 
 # The file's "what" (the last_stage line is the one benchmarks/tables.py's committed file holds).
@@ -41,6 +52,8 @@ WHAT = {
     "last_stage": "WKD-L class costs: 1 - linear CKA of the teacher's last-stage rows per class",
     "logits": "WKD-L class costs: 1 - linear CKA of the teacher's logit rows per class",
 }
+MEMINFO = Path("/proc/meminfo")  # the memory check reads MemAvailable here (Linux)
+CKA_QUIET_S = 5.0  # the CKA's progress lines start once it has run this long
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,61 @@ def check_class_counts(labels: torch.Tensor, num_classes: int, source: Source) -
     return counts
 
 
+def memory_available() -> int | None:
+    """Bytes the kernel could give this process now (``MemAvailable``; None where unknown)."""
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", MEMINFO.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found[1]) * 1024 if found else None
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 1e9:
+        return f"{nbytes / 1e9:,.1f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.0f} kB"
+
+
+def check_memory(
+    teacher: nn.Module, in_shape: tuple[int, ...], counts: torch.Tensor, source: Source
+) -> str:
+    """Predict the memory of the rows and the CKA (one probe forward for the rows' shape) and
+    refuse, before the pass, what would not fit; returns the prediction, for the log."""
+    per_image, dim = image_row_shape(teacher, in_shape, source)
+    c, n = len(counts), images_per_class(counts, source) * per_image
+    rows, work = 4 * c * n * dim, cka_workspace_bytes(c, n, dim)  # float32 rows
+    shape = f"{c:,} classes x {n:,} rows x {dim:,} floats"
+    free = memory_available()
+    if free is not None and rows + work > free:
+        fix = (
+            "--source logits (one row per image) or a machine"
+            if source == "last_stage"
+            else "a machine"
+        )
+        raise UserError(
+            f"the teacher's {source} rows need {_size(rows)} ({shape}) and the CKA up to "
+            f"{_size(work)} more, but {_size(free)} of memory is available: use {fix} with more "
+            "memory"
+        )
+    have = "unknown" if free is None else _size(free)
+    return f"the rows take {_size(rows)} ({shape}), the CKA up to {_size(work)}; {have} available"
+
+
+def _cka_progress(progress: bool) -> Callable[[int, int], None] | None:
+    """A line per tenth of the CKA's blocks, once it has run for ``CKA_QUIET_S`` seconds."""
+    if not progress:
+        return None
+    t0, shown = time.perf_counter(), [0]
+
+    def tick(done: int, total: int) -> None:
+        seconds, tenth = time.perf_counter() - t0, done * 10 // total
+        if seconds >= CKA_QUIET_S and (tenth > shown[0] or done == total):
+            shown[0] = tenth
+            logger.info(f"wkd-cost: linear CKA, block {done}/{total} ({seconds:.0f} s)")
+
+    return tick
+
+
 def _batches(
     loader: Any, device: torch.device, progress: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,24 +206,26 @@ def make_cost_file(
     assert data.train_labels is not None  # every loader build_data makes knows its labels
     counts = check_class_counts(data.train_labels, data.num_classes, source)
     teacher = build_teacher(cfg, data.num_classes).to(device)
+    memory = check_memory(teacher, data.in_shape, counts, source)
     if progress:
         logger.info(
             f"wkd-cost: the teacher's {source} rows of {data.train_size:,} training images "
-            f"({recipe.data.kind}, un-augmented, in order) on {device}"
+            f"({recipe.data.kind}, un-augmented, in order) on {device}; {memory}"
         )
     batches = _batches(data.train, device, progress)
     feats = teacher_class_features(teacher, batches, counts, source)
+    c, n, d = feats.shape
     if progress:
-        pairs = data.num_classes * (data.num_classes - 1) // 2
         logger.info(
-            f"wkd-cost: 1 - linear CKA of {pairs:,} class pairs, {feats.shape[1]:,} rows a class"
+            f"wkd-cost: 1 - linear CKA of {c * (c - 1) // 2:,} class pairs, {n:,} rows of "
+            f"{d:,} a class ({cka_form(c, n, d)} form)"
         )
-    cost = cka_cost_matrix(feats).contiguous()
+    cost = cka_cost_matrix(feats, progress=_cka_progress(progress)).contiguous()
     weights = cfg.weights or cfg.pretrained_file
     note = {  # the file's own metadata: what it is and what it was made from
         "what": WHAT[source],
         "teacher_sha256": sha256(Path(weights)) if weights else f"timm pretrained {cfg.model}",
-        "rows_per_class": str(feats.shape[1]),
+        "rows_per_class": str(n),
         "source": source,
         "commit": git_commit(),
         "machine": machine_line(),
@@ -163,6 +233,4 @@ def make_cost_file(
         "seconds": f"{time.perf_counter() - t0:.1f}",
     }
     atomic_write(out, lambda tmp: save_file({"cost": cost}, tmp, metadata=note))
-    return CostFile(
-        out, data.num_classes, feats.shape[1], float(note["seconds"]), wkd_override(recipe, out)
-    )
+    return CostFile(out, data.num_classes, n, float(note["seconds"]), wkd_override(recipe, out))
