@@ -148,13 +148,13 @@ def test_rows_that_would_not_fit_in_memory_are_refused_before_the_pass(
     argv = ["wkd-cost", RECIPE, *_sets(made[0], teacher_file), "--out", str(out)]
     assert one_error_line(main, argv, capsys) == (
         "normkd: error: the teacher's last_stage rows need 3.3 MB (100 classes x 128 rows x 64 "
-        "floats) and the CKA up to 6.6 MB more, but 4.1 MB of memory is available: use --source "
+        "floats) and the CKA up to 6.8 MB more, but 4.1 MB of memory is available: use --source "
         "logits (one row per image) or a machine with more memory"
     )
     meminfo.write_text("MemAvailable:    10 kB\n")
     line = one_error_line(main, [*argv, "--source", "logits"], capsys)
     assert line.endswith(
-        "(100 classes x 2 rows x 100 floats) and the CKA up to 42 kB more, "
+        "(100 classes x 2 rows x 100 floats) and the CKA up to 242 kB more, "
         "but 10 kB of memory is available: use a machine with more memory"
     )
     assert not out.exists()

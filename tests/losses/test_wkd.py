@@ -162,22 +162,24 @@ def test_the_cost_without_a_loop_over_pairs_is_linear_cka_of_every_pair(c, n, d,
     assert cka_cost_matrix(feats[:1]).tolist() == [[0.0]]
 
 
-@pytest.mark.parametrize(("c", "n", "d"), [(9, 2000, 16), (12, 30, 50)])
-def test_in_float32_the_cost_is_the_pairwise_loops_to_a_few_ulps(c, n, d):
+@pytest.mark.parametrize(
+    ("c", "n", "d"),
+    [(9, 2000, 16), (20, 500, 100), (8, 300, 1000)],  # CIFAR-like stage and logits; ImageNet-like
+)
+def test_in_float32_the_cost_is_the_exact_one_to_float_rounding(c, n, d):
     feats = _class_rows(c, n, d, torch.float32, seed=n)
-    got, want = cka_cost_matrix(feats, workspace=4 * 4 * 3 * n * d), _pairwise_cka_cost(feats)
-    assert got.dtype == torch.float32 and want.max() > 0.05
-    assert float((got - want).abs().max()) <= 4 * torch.finfo(torch.float32).eps
+    got = cka_cost_matrix(feats, workspace=4 * 4 * 3 * n * d)
+    exact, eps = _pairwise_cka_cost(feats.double()), torch.finfo(torch.float32).eps
+    assert got.dtype == torch.float32 and exact.max() > 0.05
+    assert float((got.double() - exact).abs().max()) <= 2 * eps
+    if d <= 100:  # the old float32 loop too (beyond that, its torch.norm of d^2 floats drifts)
+        assert float((got - _pairwise_cka_cost(feats)).abs().max()) <= 4 * eps
 
 
-@pytest.mark.parametrize(("c", "n", "d"), [(100, 32_000, 64), (100, 128, 64), (1000, 732, 1000)])
-@pytest.mark.parametrize("workspace", [2**20, 2**29])
-def test_the_cka_workspace_stays_within_its_bound(c, n, d, workspace):
-    got = cka_workspace_bytes(c, n, d, workspace=workspace)
-    one_class = 4 * n * d
-    # Within the bound, unless one class's rows alone pass a quarter of it: then two classes' rows
-    # and their tiles, or one class's rows and a row of every K.
-    assert got <= max(workspace, 2 * one_class + 8 * d * d + 4 * c * (n + c))
+@pytest.mark.parametrize(("c", "n", "d"), [(100, 32_000, 256), (100, 500, 100), (1000, 732, 1000)])
+def test_the_cka_workspace_stays_within_its_bound(c, n, d):
+    assert cka_workspace_bytes(c, n, d) <= 512 * 2**20  # CIFAR's stage and logits, ImageNet's
+    assert cka_workspace_bytes(c, n, d, workspace=1) >= 4 * n * d  # at least one class at a time
 
 
 def test_cost_matrix_files_load_safely_and_wrong_ones_are_refused(tmp_path):
