@@ -111,7 +111,8 @@ def wkd_cost(data_root: Path, out: Path = WKD_COST, force: bool = False) -> None
     un-augmented training set in dataset order (the authors' CIFAR recipe), on the CPU in
     batches of 500; its provenance in the file's metadata. The committed file was made before
     this, from ``(x / 255 - mean) / std`` (torchvision's arithmetic) where the loader fuses one
-    multiply-add: a remake differs from it by one float32 ulp in about a quarter of its costs."""
+    multiply-add: a remake differs from it in 2,520 of its 10,000 costs, by one float32 ulp (two
+    in 104), at most 1.2e-7, bit for bit the same before and after the CKA lost its pair loop."""
     from normkd.config import load_recipe
     from normkd.reproduce import CONFIGS
     from normkd.wkd_cost import make_cost_file
