@@ -85,7 +85,10 @@ def cka_cost_matrix(
 
     :func:`linear_cka` of every pair without a loop over pairs: each class centred as it centres
     and its normaliser taken once, the cross terms ``||Yc^T Xc||_F^2`` from GEMMs over blocks of
-    classes in the cheaper of two forms (:func:`cka_form`). ``workspace`` bounds the temporaries'
+    classes in the cheaper of two forms (:func:`cka_form`). The feature form rounds as
+    linear_cka does (its GEMMs and sums; on MKL the old pair loop's costs bit for bit); the kernel
+    form sums in float64, within half a float32 ulp of the exact cost, where linear_cka's float32
+    ``norm`` of a ``(d, d)`` Gram drifts beyond d ~ 100. ``workspace`` bounds the temporaries'
     bytes; ``progress(done, total)`` is called after each block."""
     c, n, d = class_feats.shape
     if c < 2:
@@ -104,7 +107,7 @@ def cka_cost_matrix(
 def cka_form(c: int, n: int, d: int) -> Literal["feature", "kernel"]:
     """The cheaper way to the cross terms, by multiply-adds: ``feature`` forms each pair's
     ``(d, d)`` ``Yc^T Xc`` (``C^2 n d^2 / 2``); ``kernel`` each class's ``(n, n)`` ``Xc Xc^T`` and
-    every pair's ``<Kx, Ky>_F`` from one product (``C n^2 d + C^2 n^2``). CIFAR's last stage
+    every pair's ``<Kx, Ky>_F`` from products over K's rows (``C n^2 d + C^2 n^2``). CIFAR's last stage
     (n = 32,000 rows of d = 64) takes the feature form, ImageNet's logits (n ~ 732, d = 1,000)
     the kernel form."""
     return "feature" if c * n * d * d / 2 <= n * n * (d + c) else "kernel"
@@ -114,7 +117,7 @@ def cka_workspace_bytes(
     c: int, n: int, d: int, itemsize: int = 4, workspace: int = CKA_WORKSPACE
 ) -> int:
     """The most the temporaries of :func:`cka_cost_matrix` take at once on ``(C, n, d)`` rows."""
-    if cka_form(c, n, d) == "kernel":  # a chunk of every K, a class's centred rows, 3 (C, C)
+    if cka_form(c, n, d) == "kernel":  # a chunk of every K, a class's rows, the (C, C) sums
         return itemsize * (c * _kernel_step(c, n, d, itemsize, workspace) * n + n * d + 6 * c * c)
     per = _block_classes(n, d, itemsize, workspace)  # two blocks, a tile and its reordered copy
     return itemsize * 2 * (per * n * d + (per * d) ** 2)
