@@ -62,7 +62,7 @@ def test_an_equivalent_mutant_is_reported_as_a_survivor(tmp_path: Path) -> None:
     file and another: it must survive. Were this file run in the mutated copy, its --check would
     fail there and the canary would be counted killed, as every survivor was before."""
     cmd = [sys.executable, str(TOOL), "--only", CANARY, "--cache", str(tmp_path / "c.jsonl")]
-    cmd += ["--suite", "tests/test_mutants.py", "tests/test_signals.py"]
+    cmd += ["--suite", "tests/test_mutants.py", "tests/test_signals.py", "--workers", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(rf"^\[1/1\] survived\s+{CANARY} ", proc.stdout, re.M), proc.stdout
