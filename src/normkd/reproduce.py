@@ -416,8 +416,8 @@ def _headlines(comp: Comparison) -> str:
     if not lines:
         return ""
     return (
-        "Headline comparisons (final top-1, paired by seed; ~ in the table: the interval "
-        "covers 0):\n" + "\n".join(lines) + "\n\n"
+        "Headline comparisons (final top-1, paired by seed; ~ in the table: not told from seed "
+        "noise, the interval covers 0 or one seed gives none):\n" + "\n".join(lines) + "\n\n"
     )
 
 
