@@ -193,3 +193,30 @@ def test_the_headlines_say_when_a_gap_cannot_be_told_from_noise(tmp_path):
     assert "over 3 paired seeds: NORM+KD cannot be told from seed noise." in table
     assert "- NORM vs vanilla (CE only): +2.00 [" in table and "NORM is ahead." in table
     assert "| NORM+KD | 3 | 51.17 ± 1.07 |" in table
+
+
+def test_two_schedules_never_share_or_read_back_each_others_run_folder(tmp_path):
+    """A 30-epoch plan in the folder of a finished 15-epoch run once read that run back as its
+    own (a 30-epoch record of 15 epochs): each schedule has its folder, and a finished folder of
+    another recipe is refused, not read."""
+    import json
+
+    import yaml
+
+    from normkd.config import recipe_to_dict
+    from normkd.reproduce import SHORT_EPOCHS, check_same_recipe, execute
+
+    args = (PAIR, ["kd"], 1, "short", tmp_path, tmp_path)
+    (e15,), (short,) = (plan(*args, e, tmp_path / "t.safetensors")[1] for e in (15, None))
+    assert short.run_dir.parent.name == "short" and e15.run_dir.parent.name == "short_e15"
+    same = plan(*args, SHORT_EPOCHS, tmp_path / "t.safetensors")[1][0]
+    assert same.run_dir == short.run_dir  # the scale's own schedule keeps its folder
+    # the 15-epoch run finished in its folder
+    e15.run_dir.mkdir(parents=True)
+    (e15.run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(e15.recipe)))
+    summary = {"best_top1": 50.0, "best_epoch": 15, "final_top1": 49.0, "epochs": 15, "seconds": 1}
+    summary |= {"run_dir": str(e15.run_dir), "final_top5": 80.0, "params": 1}
+    (e15.run_dir / "summary.json").write_text(json.dumps(summary))
+    assert execute(e15, 1, 1).final_top1 == 49.0  # its own plan reads it back
+    with pytest.raises(UserError, match="holds a finished run of another recipe"):
+        check_same_recipe(e15.run_dir, short.recipe)

@@ -23,7 +23,9 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from normkd.config import Recipe, load_recipe
+import yaml
+
+from normkd.config import Recipe, load_recipe, recipe_to_dict
 from normkd.engine import RunResult, run_recipe
 from normkd.engine.checkpoint import atomic_write, atomic_write_text
 from normkd.engine.runtime import resolve_amp, resolve_device
@@ -144,7 +146,7 @@ def plan(
         raise UserError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
     base = [
         f"data.root={data_root}",
-        f"engine.out_dir={out_dir / pair / scale}",
+        f"engine.out_dir={out_dir / pair / schedule_folder(scale, epochs)}",
         "engine.quiet=true",
     ]
     extra = list(extra or [])
@@ -167,6 +169,14 @@ def plan(
     return teacher, runs
 
 
+def schedule_folder(scale: str, epochs: int | None) -> str:
+    """The run folders' parent under ``OUT/PAIR``: the scale, and the epochs where they are not
+    the scale's own, so runs of two schedules never share (or read back) one folder."""
+    if scale != "short" or epochs in (None, SHORT_EPOCHS):
+        return scale
+    return f"{scale}_e{epochs}"
+
+
 def precision(recipe: Recipe) -> str:
     """The precision a recipe trains in on this machine: bf16, fp16 or fp32."""
     amp = resolve_amp(recipe.engine.amp, resolve_device(recipe.engine.device))
@@ -184,6 +194,7 @@ def execute(p: Planned, index: int, total: int) -> RunResult:
     d = p.run_dir
     what = f"[reproduce] run {index}/{total}: {p.method} seed {p.seed}"
     if (d / "summary.json").is_file():
+        check_same_recipe(d, p.recipe)
         logger.info(f"{what}: finished earlier, read from {d}")
         return read_result(d)
     resume = (d / "last.pt").is_file()
@@ -204,6 +215,19 @@ def execute(p: Planned, index: int, total: int) -> RunResult:
         f"({result.seconds / 60:.1f} min)"
     )
     return result
+
+
+def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Refuse to read back a finished run of another recipe (another schedule, say) as this one:
+    its config.yaml must be the planned recipe, as a resume's checkpoint must."""
+    from normkd.engine.rundir import same_recipe
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if not same_recipe(saved, recipe_to_dict(recipe)):
+        raise UserError(
+            f"{run_dir} holds a finished run of another recipe (see its config.yaml), not this "
+            "plan's: use another --out-dir, or remove that folder to train this one"
+        )
 
 
 def read_result(run_dir: Path) -> RunResult:
@@ -320,7 +344,7 @@ def reproduce(
     if records is not None:
         comp = build_table(records, methods)  # the table of everything recorded there
         comp.seconds = time.perf_counter() - t0
-    write_table(comp, out_dir / pair / scale / "results.md", report)
+    write_table(comp, out_dir / pair / schedule_folder(scale, epochs) / "results.md", report)
     return comp
 
 

@@ -139,6 +139,11 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two recipe dicts train the same run (the engine settings a resume may change aside)."""
+    return _comparable(a) == _comparable(b)
+
+
 class RunDir:
     """One run's folder. ``check`` before building anything, ``open`` once the job is built."""
 
@@ -168,7 +173,7 @@ class RunDir:
             raise UserError(f"--resume: no checkpoint {last} to resume from")
         self.state = load_checkpoint(last)
         saved = recipe_from_dict(self.state["recipe"], f"{last}")
-        if _comparable(recipe_to_dict(saved)) != _comparable(recipe_to_dict(self.recipe)):
+        if not same_recipe(recipe_to_dict(saved), recipe_to_dict(self.recipe)):
             raise UserError(
                 f"--resume: the recipe differs from the one {self.path} was started with; "
                 "resume with the same recipe (see its config.yaml)"
