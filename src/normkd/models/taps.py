@@ -453,11 +453,20 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Record the outputs of the named submodules during forwards inside the ``with`` block."""
+    with _hooked(
+        model, names, lambda m, n, store: m.register_forward_hook(_recorder(store, n))
+    ) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def _hooked(
+    model: nn.Module, names: Sequence[str], register: Any
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A store the hooks ``register(module, name, store)`` puts on the named submodules fill,
+    the hooks removed on leaving: what :func:`capture` and :func:`capture_inputs` share."""
     store: dict[str, torch.Tensor] = {}
-    handles = []
-    for n in dict.fromkeys(names):
-        mod = get_module(model, n)
-        handles.append(mod.register_forward_hook(_recorder(store, n)))
+    handles = [register(get_module(model, n), n, store) for n in dict.fromkeys(names)]
     try:
         yield store
     finally:
@@ -483,16 +492,12 @@ def module_input(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.Tensor
 def capture_inputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Record the inputs (:func:`module_input`) of the named submodules during forwards inside
     the ``with`` block: how pre-activation maps, which no module returns, are read."""
-    store: dict[str, torch.Tensor] = {}
-    handles = [
-        get_module(model, n).register_forward_pre_hook(_input_recorder(store, n))
-        for n in dict.fromkeys(names)
-    ]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
+
+    def register(m: nn.Module, n: str, store: dict[str, torch.Tensor]) -> Any:
+        return m.register_forward_pre_hook(_input_recorder(store, n))
+
+    with _hooked(model, names, register) as s:
+        yield s
 
 
 def _input_recorder(store: dict[str, torch.Tensor], name: str):
