@@ -144,6 +144,7 @@ def test_rows_that_would_not_fit_in_memory_are_refused_before_the_pass(
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       8000 kB\nMemAvailable:    4000 kB\n")
     monkeypatch.setattr(wkd_cost, "MEMINFO", meminfo)  # a machine with 4 MB to spare
+    monkeypatch.setattr(wkd_cost, "CGROUP", tmp_path / "no-cgroup")  # and no container limit
     out = tmp_path / "c.safetensors"
     argv = ["wkd-cost", RECIPE, *_sets(made[0], teacher_file), "--out", str(out)]
     assert one_error_line(main, argv, capsys) == (
@@ -164,8 +165,38 @@ def test_memory_available_reads_meminfo_and_is_unknown_without_it(tmp_path, monk
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  16 kB\nMemFree:  2 kB\nMemAvailable:     12 kB\n")
     monkeypatch.setattr(wkd_cost, "MEMINFO", meminfo)
+    monkeypatch.setattr(wkd_cost, "CGROUP", tmp_path / "no-cgroup")
     assert wkd_cost.memory_available() == 12 * 1024
     meminfo.write_text("MemTotal:  16 kB\n")  # an old kernel's: no estimate
     assert wkd_cost.memory_available() is None
     monkeypatch.setattr(wkd_cost, "MEMINFO", tmp_path / "absent")  # not Linux
     assert wkd_cost.memory_available() is None
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["cgroup-v2", "cgroup-v1"])
+def test_a_container_limit_below_the_machines_free_memory_is_what_is_available(
+    tmp_path, monkeypatch, v1
+):
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
+    meminfo.write_text("MemAvailable:  1000000 kB\n")  # the host has ~1 GB free
+    here = cgroup / "memory" if v1 else cgroup
+    here.mkdir(parents=True)
+    names = (
+        ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        if v1
+        else ("memory.max", "memory.current")
+    )
+    cache = "total_inactive_file" if v1 else "inactive_file"
+    (here / names[0]).write_text("50000000\n")  # a 50 MB container, 40 MB used, 5 MB of it cache
+    (here / names[1]).write_text("40000000\n")
+    (here / "memory.stat").write_text(f"anon 35000000\n{cache} 5000000\nactive_file 1\n")
+    monkeypatch.setattr(wkd_cost, "MEMINFO", meminfo)
+    monkeypatch.setattr(wkd_cost, "CGROUP", cgroup)
+    assert wkd_cost.cgroup_headroom() == 15_000_000
+    assert wkd_cost.memory_available() == 15_000_000
+    (here / names[0]).write_text("9223372036854771712\n" if v1 else "max\n")  # no limit set
+    assert wkd_cost.cgroup_headroom() is None
+    assert wkd_cost.memory_available() == 1000000 * 1024
+    meminfo.unlink()
+    (here / names[0]).write_text("50000000\n")
+    assert wkd_cost.memory_available() == 15_000_000  # the limit alone, where meminfo is absent

@@ -53,6 +53,7 @@ WHAT = {
     "logits": "WKD-L class costs: 1 - linear CKA of the teacher's logit rows per class",
 }
 MEMINFO = Path("/proc/meminfo")  # the memory check reads MemAvailable here (Linux)
+CGROUP = Path("/sys/fs/cgroup")  # and a container's limit here (cgroup v2, or v1's memory/)
 CKA_QUIET_S = 5.0  # the CKA's progress lines start once it has run this long
 
 
@@ -117,12 +118,36 @@ def check_class_counts(labels: torch.Tensor, num_classes: int, source: Source) -
 
 
 def memory_available() -> int | None:
-    """Bytes the kernel could give this process now (``MemAvailable``; None where unknown)."""
+    """Bytes this process could get now: the kernel's ``MemAvailable``, or less where a container
+    (cgroup) limit leaves less, since going past that limit is an OOM kill, not a refusal."""
     try:
         found = re.search(r"^MemAvailable:\s+(\d+) kB", MEMINFO.read_text(), re.MULTILINE)
     except OSError:
-        return None
-    return int(found[1]) * 1024 if found else None
+        found = None
+    known = [
+        n for n in (int(found[1]) * 1024 if found else None, cgroup_headroom()) if n is not None
+    ]
+    return min(known) if known else None
+
+
+def cgroup_headroom() -> int | None:
+    """The memory limit of this process's cgroup less what it uses, reclaimable file cache not
+    counted (as ``docker stats`` does); None where no limit is set or none can be read."""
+    for limit, usage, cache in (
+        ("memory.max", "memory.current", "inactive_file"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"),
+    ):
+        try:
+            cap = (CGROUP / limit).read_text().strip()
+            used = int((CGROUP / usage).read_text())
+            stat = (CGROUP / limit).with_name("memory.stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if cap == "max" or not cap.isdigit() or int(cap) >= 1 << 60:  # "no limit" (v1: ~2^63)
+            return None
+        found = re.search(rf"^{cache} (\d+)$", stat, re.MULTILINE)
+        return max(0, int(cap) - used + (int(found[1]) if found else 0))
+    return None
 
 
 def _size(nbytes: int) -> str:
