@@ -193,25 +193,22 @@ def _wkd_note() -> str:
 
 def trend() -> None:
     """Does the NORM+KD - KD (matched) gap move with the schedule? 15 / 30 / 60 epochs."""
-    points: dict[str, dict[int, list[float]]] = {m: {} for m in TREND_METHODS}
+    points: dict[str, dict[int, dict[int, float]]] = {m: {} for m in TREND_METHODS}
     for name in TREND:
         if not any((RUNS / name).glob("*_seed*.json")):
             continue
         comp = build_table(RUNS / name, list(TREND_METHODS))
         for m in TREND_METHODS:
             if comp.runs.get(m):
-                points[m][comp.epochs] = [r.final_top1 for r in comp.runs[m]]
+                points[m][comp.epochs] = {r.seed: r.final_top1 for r in comp.runs[m]}
     if not any(points.values()):
         return
     rows = ["| method | epochs | seeds | final top-1 % |", "| --- | --- | --- | --- |"]
     for m, pts in points.items():
-        rows += [f"| {label(m)} | {e} | {len(v)} | {mean_std(v)} |" for e, v in sorted(pts.items())]
-    # a gap only where both methods have the schedule (the workers finish in either order)
-    base, other = (points[m] for m in TREND_METHODS)
-    gaps = [
-        f"{e} epochs: {statistics.mean(other[e]) - statistics.mean(base[e]):+.2f}"
-        for e in sorted(base.keys() & other.keys())
-    ]
+        rows += [
+            f"| {label(m)} | {e} | {len(v)} | {mean_std(list(v.values()))} |"
+            for e, v in sorted(pts.items())
+        ]
     text = (
         "# CIFAR-100 resnet20 -> resnet8: does the NORM+KD - KD (matched) gap move with the "
         "schedule?\n\nThe same teacher, recipes and engine defaults as cifar100.md, at 15, 30 and "
@@ -219,7 +216,9 @@ def trend() -> None:
         "difference there carries one seed's noise (about the spread in cifar100.md).\n\n"
         + "\n".join(rows)
         + "\n\nNORM+KD minus KD (matched), mean final top-1: "
-        + ("; ".join(gaps) or "not yet measured")
+        + _gaps(points, None)
+        + ".\n\nThe same on seed 0 alone, like for like with the one-seed schedules: "
+        + _gaps(points, 0)
         + ".\n"
     )
     atomic_write_text(RESULTS / "cifar100_trend.md", text)
@@ -227,21 +226,45 @@ def trend() -> None:
     print("\n" + text)
 
 
-def _plot_trend(points: dict[str, dict[int, list[float]]], path: Path) -> None:
+def _gaps(points: dict[str, dict[int, dict[int, float]]], seed: int | None) -> str:
+    """The gap per schedule where both methods have it (the workers finish in either order):
+    of the means over seeds, or of one ``seed``'s runs."""
+    base, other = (points[m] for m in TREND_METHODS)
+    gaps = []
+    for e in sorted(base.keys() & other.keys()):
+        if seed is None:
+            gap = statistics.mean(other[e].values()) - statistics.mean(base[e].values())
+        elif seed in base[e] and seed in other[e]:
+            gap = other[e][seed] - base[e][seed]
+        else:
+            continue
+        gaps.append(f"{e} epochs: {gap:+.2f}")
+    return "; ".join(gaps) or "not yet measured"
+
+
+def _plot_trend(points: dict[str, dict[int, dict[int, float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for m, pts in points.items():
+    for i, (m, pts) in enumerate(points.items()):
         if pts:
-            e = sorted(pts)
-            ax.plot(e, [statistics.mean(pts[k]) for k in e], "o-", label=label(m))
+            e, color = sorted(pts), f"C{i}"
+            means = [statistics.mean(pts[k].values()) for k in e]
+            ax.plot(e, means, "o-", color=color, label=f"{label(m)} (mean; dots: seeds)")
+            for k in e:
+                ax.plot([k] * len(pts[k]), list(pts[k].values()), ".", color=color, alpha=0.5)
+    schedules = sorted(TABLES[name].epochs for name in TREND)  # the planned ones, run or not
+    ax.set_xscale("log", base=2)  # 15, 30, 60: each schedule twice the last, evenly spaced
+    ax.set_xlim(schedules[0] / 1.3, schedules[-1] * 1.3)
+    ax.set_xticks(schedules, [str(e) for e in schedules])
+    ax.minorticks_off()
     ax.set_xlabel("epochs")
     ax.set_ylabel("final test top-1 (%)")
     ax.set_title("resnet20 -> resnet8, real CIFAR-100")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

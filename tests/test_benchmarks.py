@@ -276,20 +276,23 @@ def test_the_trend_pairs_its_gaps_by_schedule_whichever_runs_finished_first(
 
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     monkeypatch.setattr(tables, "RUNS", tmp_path / "runs")
-    for name, epochs, method, final in (
-        (tables.TEACHER_TABLE, 15, "kd_matched", 50.0),
-        (tables.TEACHER_TABLE, 15, "norm_kd", 49.0),
-        ("cifar100_resnet20__resnet8_e30", 30, "norm_kd", 55.0),
-        ("cifar100_resnet20__resnet8_e60", 60, "kd_matched", 52.0),
+    for name, epochs, method, seed, final in (
+        (tables.TEACHER_TABLE, 15, "kd_matched", 0, 50.0),
+        (tables.TEACHER_TABLE, 15, "norm_kd", 0, 49.0),
+        (tables.TEACHER_TABLE, 15, "kd_matched", 1, 52.0),
+        (tables.TEACHER_TABLE, 15, "norm_kd", 1, 50.0),
+        ("cifar100_resnet20__resnet8_e30", 30, "norm_kd", 0, 55.0),
+        ("cifar100_resnet20__resnet8_e60", 60, "kd_matched", 0, 52.0),
     ):
         write_record(
             tmp_path / "runs" / name,
-            Record("resnet20__resnet8", method, 0, "short", epochs, "bf16", final, epochs, final,
-                   900.0, "abc", "cpu", "now", teacher_sha256="ff"),
+            Record("resnet20__resnet8", method, seed, "short", epochs, "bf16", final, epochs,
+                   final, 900.0, "abc", "cpu", "now", teacher_sha256="ff"),
         )  # fmt: skip
     tables.trend()
     trend = (tmp_path / "cifar100_trend.md").read_text()
-    assert "mean final top-1: 15 epochs: -1.00.\n" in trend
+    assert "mean final top-1: 15 epochs: -1.50.\n" in trend  # the means of two seeds
+    assert "like for like with the one-seed schedules: 15 epochs: -1.00.\n" in trend  # seed 0's
     assert "| NORM+KD | 30 | 1 | 55.00 |" in trend and "| KD (matched) | 60 | 1 | 52.00 |" in trend
 
 

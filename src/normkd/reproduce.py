@@ -501,16 +501,18 @@ def plot(comp: Comparison, path: Path) -> None:
 
     methods = [m for m, r in comp.runs.items() if r]
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(methods)), 4))
+    pubs = {m: published(comp.pair, m) for m in methods}
     for i, m in enumerate(methods):
         finals = [r.final_top1 for r in comp.runs[m]]
         ax.bar(i, statistics.mean(finals), color="tab:blue", alpha=0.7)
         ax.plot([i] * len(finals), finals, "k.", ms=5)
-        pub = published(comp.pair, m)
+        pub = pubs[m]
         if pub is not None:
             ax.plot([i - 0.4, i + 0.4], [pub, pub], color="tab:red", lw=2)
     ax.set_xticks(range(len(methods)), [label(m) for m in methods], rotation=20)
     ax.set_ylabel("final test top-1 (%)")
-    ax.set_title(f"{comp.pair}, {comp.scale} ({comp.epochs} epochs); red: published (240 ep)")
+    legend = "; red: published (240 ep)" if any(p is not None for p in pubs.values()) else ""
+    ax.set_title(f"{comp.pair}, {comp.scale} ({comp.epochs} epochs; dots: seeds){legend}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
