@@ -28,6 +28,7 @@ import yaml
 from normkd.config import Recipe, load_recipe, recipe_to_dict
 from normkd.engine import RunResult, run_recipe
 from normkd.engine.checkpoint import atomic_write, atomic_write_text
+from normkd.engine.rundir import same_recipe
 from normkd.engine.runtime import resolve_amp, resolve_device
 from normkd.errors import UserError
 from normkd.extras import available, missing_line
@@ -220,8 +221,6 @@ def execute(p: Planned, index: int, total: int) -> RunResult:
 def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     """Refuse to read back a finished run of another recipe (another schedule, say) as this one:
     its config.yaml must be the planned recipe, as a resume's checkpoint must."""
-    from normkd.engine.rundir import same_recipe
-
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     if not same_recipe(saved, recipe_to_dict(recipe)):
         raise UserError(

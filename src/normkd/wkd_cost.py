@@ -124,10 +124,10 @@ def memory_available() -> int | None:
         found = re.search(r"^MemAvailable:\s+(\d+) kB", MEMINFO.read_text(), re.MULTILINE)
     except OSError:
         found = None
-    known = [
-        n for n in (int(found[1]) * 1024 if found else None, cgroup_headroom()) if n is not None
-    ]
-    return min(known) if known else None
+    known = [int(found[1]) * 1024] if found else []
+    if (headroom := cgroup_headroom()) is not None:
+        known.append(headroom)
+    return min(known, default=None)
 
 
 def cgroup_headroom() -> int | None:
