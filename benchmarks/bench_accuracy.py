@@ -36,6 +36,7 @@ from common import (
     write_report,
 )
 
+from normkd.engine.checkpoint import atomic_write_text
 from normkd.losses import method_label
 
 METHODS = ["vanilla", "kd", "norm", "norm_kd", "dkd", "norm_dkd"]
@@ -188,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = args.out
     write_report(out, "accuracy", text)
-    (out / "accuracy.json").write_text(
+    atomic_write_text(
+        out / "accuracy.json",
         json.dumps(
             {
                 "env": env,
@@ -198,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "quick": args.quick,
             },
             indent=2,
-        )
+        ),
     )
     _plot(final, out, env)
     return 0

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from normkd.engine.checkpoint import atomic_write, atomic_write_text
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
@@ -178,10 +180,10 @@ def met(ok: bool) -> str:
 
 
 def write_report(out: Path, name: str, text: str) -> Path:
-    """Write ``out/name.md`` (creating ``out``), print it, return the path."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``out/name.md`` whole (creating ``out``; a crash leaves the old report), print it,
+    return the path."""
     path = out / f"{name}.md"
-    path.write_text(text.rstrip() + "\n")
+    atomic_write_text(path, text.rstrip() + "\n")
     print(text)
     print(f"\n[bench] wrote {path}", flush=True)
     return path
@@ -202,9 +204,8 @@ def save_figure(fig: Any, out: Path, name: str, env: str) -> Path:
     plt = pyplot()
     fig.text(0.5, 0.005, env, ha="center", va="bottom", fontsize=7, color="0.35", wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     print(f"[bench] wrote {path}", flush=True)
     return path
@@ -249,10 +250,15 @@ def write_cifar100_python(
             b"fine_labels": [int(v) for v in y.tolist()],
             b"data": np.ascontiguousarray(x.reshape(len(x), -1).numpy()),
         }
-        (folder / name).write_bytes(pickle.dumps(record, protocol=4))  # raw bytes: 3 KB an image
+        _write_bytes(folder / name, pickle.dumps(record, protocol=4))  # raw: 3 KB an image
     if meta_from is not None and meta_from.is_file():
-        (folder / "meta").write_bytes(meta_from.read_bytes())
+        _write_bytes(folder / "meta", meta_from.read_bytes())
     else:
         names = [f"class_{i:02d}".encode() for i in range(100)]
-        (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}, protocol=4))
+        _write_bytes(folder / "meta", pickle.dumps({b"fine_label_names": names}, protocol=4))
     return folder
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """A whole file or the old one: a cut-off write never leaves a truncated pickle behind."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -225,6 +225,7 @@ def ddp_worker(phase: str, device: str, work: Path, teacher: Path) -> int:
     """One rank of one check_ddp launch: ``first`` stops after epoch 1, ``resume`` finishes;
     rank 0 then writes what the run returned to WORK/ddp.json."""
     from normkd.engine import run_recipe
+    from normkd.engine.checkpoint import atomic_write_text
 
     recipe = distill_recipe(work, teacher, "ddp", device)
     if phase == "first":
@@ -233,7 +234,7 @@ def ddp_worker(phase: str, device: str, work: Path, teacher: Path) -> int:
     done = run_recipe(recipe, resume=True)
     if int(os.environ.get("RANK", "0")) == 0:
         seen = {"run_dir": done.run_dir, "history": done.history, "top1": done.final_top1}
-        (work / "ddp.json").write_text(json.dumps(seen | {"diff": done.merge_max_logit_diff}))
+        atomic_write_text(work / "ddp.json", json.dumps(seen | {"diff": done.merge_max_logit_diff}))
     return 0
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from common import BENCH_DIR, REPO, env_line, md_table, parse_args, resolve_device
 
+from normkd.engine.checkpoint import atomic_write_text
+
 BENCHES = {
     "accuracy": "top-1 of vanilla/KD/NORM/NORM+KD/DKD/NORM+DKD on digits, 5 seeds, paired Δ",
     "throughput": "images/s of a NORM+KD step: device-resident pipeline vs classic PIL loop",
@@ -109,9 +111,8 @@ def write_index(
         if (out / f"{name}.png").is_file():
             parts += ["", f"![{name}]({name}.png)"]
     parts += other_reports(out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "README.md"
-    path.write_text("\n".join(parts) + "\n")
+    atomic_write_text(path, "\n".join(parts) + "\n")
     return path
 
 

@@ -34,7 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from normkd.engine.checkpoint import load_checkpoint  # noqa: E402
+from normkd.engine.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
 from support import DEMO, write_image_folder  # noqa: E402
 
 EPOCHS = 4
@@ -287,8 +287,7 @@ def report(path: Path, cells: dict, races: list, seconds: float, args: argparse.
         + ("Problems:\n" + "\n".join(f"- {p}" for p in problems) if problems else "No problems.")
         + "\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 if __name__ == "__main__":
