@@ -77,84 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         common = [f"engine.out_dir={tmp}", "engine.quiet=true", f"engine.device={device}"]
         quick = ["optim.epochs=1", "optim.warmup_epochs=0"] if args.quick else []
         sweep = run_sweep(CONFIGS / "demo", methods, n_seeds, [*common, *quick], "accuracy")
-    teacher, t_recipe = sweep.teacher, sweep.teacher_recipe
     runs = {
         m: [{"final": r.final_top1, "best": r.best_top1, "seconds": r.seconds} for r in rs]
         for m, rs in sweep.runs.items()
     }
-    budgets = {m: _budget(r) for m, r in sweep.recipes.items()}
-    students = {r.student.model for r in sweep.recipes.values()}
-    wall = time.perf_counter() - t0
-    env = env_line(device, after=True)
-    load_s = f"{load0:.2f}" if load0 is not None else "?"
-
     final = {m: [r["final"] for r in rs] for m, rs in runs.items()}
-    rows = []
-    for m in methods:
-        if "vanilla" in final and m != "vanilla":
-            delta = mean_std(_paired(final[m], final["vanilla"]))
-        else:
-            delta = "—"
-        rows.append(
-            [
-                method_label(m),
-                mean_std(final[m]),
-                mean_std([r["best"] for r in runs[m]]),
-                delta,
-                ", ".join(f"{v:.2f}" for v in final[m]),
-                f"{statistics.mean(r['seconds'] for r in runs[m]):.1f}",
-            ]
-        )
-    table = md_table(
-        [
-            "method",
-            "final top-1 % (mean ± std)",
-            "best-epoch top-1 % (mean ± std)",
-            "Δ vs vanilla, paired (mean ± std)",
-            "per-seed final top-1 %",
-            "s / run",
-        ],
-        rows,
-    )
-
-    target_rows = []
-    verdicts: dict[str, bool] = {}
-    for m, ref, gain in TARGETS:
-        if m in final and ref in final:
-            d = _paired(final[m], final[ref])
-            ok = statistics.mean(d) >= gain
-            verdicts[f"{m}-{ref}"] = ok
-            target_rows.append(
-                [
-                    f"{method_label(m)} - {method_label(ref)} ≥ {gain} points",
-                    mean_std(d),
-                    f"{sum(x >= gain for x in d)}/{len(d)}",
-                    met(ok),
-                ]
-            )
-        else:
-            target_rows.append(
-                [f"{method_label(m)} - {method_label(ref)} ≥ {gain} points", "not run", "", ""]
-            )
-    targets = md_table(
-        ["target (paired, final top-1)", "measured (mean ± std)", "seeds meeting it", "verdict"],
-        target_rows,
-    )
-
-    same = len(set(budgets.values())) <= 1
-    b = next(iter(budgets.values()))
-    budget_line = (
-        f"Budget: epochs {b[0]} ({b[1]} lr {b[2]}, {b[3]} warm-up), batch {b[4]}, {b[5]} training "
-        f"images (split seed {b[6]}); "
-        + ("identical for every method." if same else f"**differs between methods**: {budgets}.")
-    )
-    headroom = ""
-    if "vanilla" in final:
-        v = statistics.mean(final["vanilla"])
-        headroom = (
-            f" Vanilla averages {v:.2f}%: the +4 target asks NORM+KD for {v + 4:.2f}% or more "
-            f"(headroom to 100%: {100 - v:.2f} points)."
-        )
+    env = env_line(device, after=True)
+    targets, verdicts = _targets(final)
+    load_s = f"{load0:.2f}" if load0 is not None else "?"
+    teacher, t_recipe = sweep.teacher, sweep.teacher_recipe
+    b = _budget(next(iter(sweep.recipes.values())))
     notes = [
         f"# Accuracy: digits, {len(methods)} methods x {n_seeds} seeds"
         + (" (QUICK smoke run: 1 epoch, not a result)" if args.quick else ""),
@@ -163,14 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"Teacher `{t_recipe.student.model}` ({teacher.params:,} params): top-1 "
         f"{teacher.final_top1:.2f}% (best {teacher.best_top1:.2f}%), trained once (seed 0). "
-        f"Student `{', '.join(sorted(students))}`; recipes "
-        "`configs/demo/<method>.yaml` as shipped. "
-        f"Test set: {1797 - b[5]:,} images. Wall time {wall:.0f} s; load average {load_s} at "
-        "start.",
+        f"Student `{', '.join(sorted({r.student.model for r in sweep.recipes.values()}))}`; "
+        "recipes `configs/demo/<method>.yaml` as shipped. "
+        f"Test set: {1797 - b[5]:,} images. Wall time {time.perf_counter() - t0:.0f} s; load "
+        f"average {load_s} at start.",
         "",
-        budget_line,
+        _budget_line(sweep.recipes),
         "",
-        table,
+        _results_table(methods, runs),
         "",
         "Δ is the mean ± std over seeds of (method - vanilla) with the same seed, i.e. the same "
         "data order and augmentation.",
@@ -179,31 +111,76 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         targets,
         "",
-        "A target is met when the mean paired difference reaches the threshold." + headroom,
+        "A target is met when the mean paired difference reaches the threshold." + _headroom(final),
         "",
         env,
     ]
     if missing:
         notes += ["", f"Skipped (no recipe in configs/demo/): {', '.join(missing)}."]
-    text = "\n".join(notes)
-
-    out = args.out
-    write_report(out, "accuracy", text)
-    atomic_write_text(
-        out / "accuracy.json",
-        json.dumps(
-            {
-                "env": env,
-                "teacher_top1": teacher.final_top1,
-                "runs": runs,
-                "targets": verdicts,
-                "quick": args.quick,
-            },
-            indent=2,
-        ),
-    )
-    _plot(final, out, env)
+    write_report(args.out, "accuracy", "\n".join(notes))
+    summary = {"env": env, "teacher_top1": teacher.final_top1, "runs": runs}
+    summary |= {"targets": verdicts, "quick": args.quick}
+    atomic_write_text(args.out / "accuracy.json", json.dumps(summary, indent=2))
+    _plot(final, args.out, env)
     return 0
+
+
+def _results_table(methods: list[str], runs: dict[str, list[dict[str, float]]]) -> str:
+    """Final and best top-1 per method, its paired gain over vanilla, every seed's final."""
+    final = {m: [r["final"] for r in rs] for m, rs in runs.items()}
+    rows = []
+    for m in methods:
+        vs_vanilla = "vanilla" in final and m != "vanilla"
+        rows.append(
+            [
+                method_label(m),
+                mean_std(final[m]),
+                mean_std([r["best"] for r in runs[m]]),
+                mean_std(_paired(final[m], final["vanilla"])) if vs_vanilla else "—",
+                ", ".join(f"{v:.2f}" for v in final[m]),
+                f"{statistics.mean(r['seconds'] for r in runs[m]):.1f}",
+            ]
+        )
+    head = ["method", "final top-1 % (mean ± std)", "best-epoch top-1 % (mean ± std)"]
+    head += ["Δ vs vanilla, paired (mean ± std)", "per-seed final top-1 %", "s / run"]
+    return md_table(head, rows)
+
+
+def _targets(final: dict[str, list[float]]) -> tuple[str, dict[str, bool]]:
+    """The TARGETS table (met: the mean paired gain reaches the threshold) and its verdicts."""
+    rows, verdicts = [], {}
+    for m, ref, gain in TARGETS:
+        name = f"{method_label(m)} - {method_label(ref)} ≥ {gain} points"
+        if m not in final or ref not in final:
+            rows.append([name, "not run", "", ""])
+            continue
+        d = _paired(final[m], final[ref])
+        ok = verdicts[f"{m}-{ref}"] = statistics.mean(d) >= gain
+        rows.append([name, mean_std(d), f"{sum(x >= gain for x in d)}/{len(d)}", met(ok)])
+    head = ["target (paired, final top-1)", "measured (mean ± std)", "seeds meeting it", "verdict"]
+    return md_table(head, rows), verdicts
+
+
+def _budget_line(recipes: dict[str, Any]) -> str:
+    """The shared budget, or a loud note where methods differ (then the table compares less)."""
+    budgets = {m: _budget(r) for m, r in recipes.items()}
+    b = next(iter(budgets.values()))
+    same = len(set(budgets.values())) <= 1
+    return (
+        f"Budget: epochs {b[0]} ({b[1]} lr {b[2]}, {b[3]} warm-up), batch {b[4]}, {b[5]} training "
+        f"images (split seed {b[6]}); "
+        + ("identical for every method." if same else f"**differs between methods**: {budgets}.")
+    )
+
+
+def _headroom(final: dict[str, list[float]]) -> str:
+    if "vanilla" not in final:
+        return ""
+    v = statistics.mean(final["vanilla"])
+    return (
+        f" Vanilla averages {v:.2f}%: the +4 target asks NORM+KD for {v + 4:.2f}% or more "
+        f"(headroom to 100%: {100 - v:.2f} points)."
+    )
 
 
 def _plot(final: dict[str, list[float]], out: Path, env: str) -> None:
