@@ -123,17 +123,7 @@ def measure_pair(
         example=example,
     ).to(device)
 
-    # A few SGD steps on random data so every BatchNorm (student and FT) has non-trivial stats.
-    opt = torch.optim.SGD(s_ft.parameters(), lr=0.01, momentum=0.9)
-    s_ft.train()
-    for _ in range(train_steps):
-        x = torch.randn(32, 3, 32, 32, device=device)
-        y = torch.randint(0, 100, (32,), device=device)
-        loss = F.cross_entropy(s_ft(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    s_ft.eval()
+    _train_briefly(s_ft, train_steps, device)
     merged = merge_ft(s_ft)
     x = torch.randn(64, 3, 32, 32, device=device)
     diff = max_logit_diff(s_ft, merged, x)
@@ -146,19 +136,6 @@ def measure_pair(
     x1 = torch.randn(1, 3, 32, 32)
     params = {k: n_params(m) for k, m in variants.items()}
     flops = {k: flops_of(m, x1) for k, m in variants.items()}
-
-    latency: dict[str, dict[int, Any]] = {}
-    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
-    for dev in devices:
-        latency[str(dev)] = {}
-        models = {k: m.to(dev) for k, m in variants.items()}
-        for batch, (number, warmup, repeats) in plan.items():
-            xb = torch.randn(batch, 3, 32, 32, device=dev)
-
-            fns = {k: _forward(m, xb) for k, m in models.items()}
-            latency[str(dev)][batch] = interleaved(fns, dev, warmup, repeats, number)
-        for m in models.values():
-            m.cpu()
     return Row(
         pair=folder.name,
         student=recipe.student.model,
@@ -169,8 +146,42 @@ def measure_pair(
         flops=flops,
         max_diff=diff,
         max_logit=max_logit,
-        latency=latency,
+        latency=_latencies(variants, device, plan),
     )
+
+
+def _train_briefly(s_ft: nn.Module, steps: int, device: torch.device) -> None:
+    """A few SGD steps on random data so every BatchNorm (student and FT) has non-trivial
+    statistics; leaves the model in eval mode, ready to merge."""
+    opt = torch.optim.SGD(s_ft.parameters(), lr=0.01, momentum=0.9)
+    s_ft.train()
+    for _ in range(steps):
+        x = torch.randn(32, 3, 32, 32, device=device)
+        y = torch.randint(0, 100, (32,), device=device)
+        loss = F.cross_entropy(s_ft(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    s_ft.eval()
+
+
+def _latencies(
+    variants: dict[str, nn.Module], device: torch.device, plan: dict[int, tuple[int, int, int]]
+) -> dict[str, dict[int, Any]]:
+    """device -> batch -> each variant's timed blocks (the CPU always; the GPU too when given),
+    the variants interleaved so drift in the machine's speed hits them alike."""
+    latency: dict[str, dict[int, Any]] = {}
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    for dev in devices:
+        latency[str(dev)] = {}
+        models = {k: m.to(dev) for k, m in variants.items()}
+        for batch, (number, warmup, repeats) in plan.items():
+            xb = torch.randn(batch, 3, 32, 32, device=dev)
+            fns = {k: _forward(m, xb) for k, m in models.items()}
+            latency[str(dev)][batch] = interleaved(fns, dev, warmup, repeats, number)
+        for m in models.values():
+            m.cpu()
+    return latency
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -195,118 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # batch -> (calls per block, warm-up blocks, timed blocks)
     plan = {1: (2, 1, 1), 4: (1, 1, 1)} if args.quick else {1: (20, 2, 15), 64: (1, 1, 7)}
     train_steps = 1 if args.quick else 3
-    rows: list[Row] = []
-    for folder in pair_dirs(args.quick):
-        print(f"[deploy] {folder.name} ...", flush=True)
-        rows.append(measure_pair(folder, device, train_steps, plan))
-        r = rows[-1]
-        lat = r.latency["cpu"]
-        print(
-            f"[deploy]   params {r.params}, max logit diff {r.max_diff:.2e}, "
-            + ", ".join(
-                f"b{b}: merged/plain {median(v['merged']) / median(v['plain']):.3f}"
-                for b, v in lat.items()
-            ),
-            flush=True,
-        )
+    rows = [_measure_and_say(folder, device, train_steps, plan) for folder in pair_dirs(args.quick)]
     env = env_line(device, after=True)
     batches = list(plan)
-
-    size_rows = []
-    for r in rows:
-        same = r.params["merged"] == r.params["plain"] and r.flops["merged"] == r.flops["plain"]
-        size_rows.append(
-            [
-                r.student,
-                f"{r.teacher} ({r.t_channels} ch)",
-                r.n,
-                _m(r.params["plain"]),
-                _m(r.params["ft"]),
-                _m(r.params["merged"]),
-                _m(r.flops["plain"]),
-                _m(r.flops["ft"]),
-                _m(r.flops["merged"]),
-                "yes" if same else "**no**",
-                f"{r.max_diff:.1e} (max abs logit {r.max_logit:.1f})",
-            ]
-        )
-    size_table = md_table(
-        [
-            "student",
-            "FT sized for teacher",
-            "N",
-            "params plain",
-            "params FT",
-            "params merged",
-            "FLOPs plain",
-            "FLOPs FT",
-            "FLOPs merged",
-            "merged = plain",
-            "max logit diff FT vs merged",
-        ],
-        size_rows,
-    )
-
-    lat_sections = []
-    worst: dict[int, float] = {}
-    for dev in rows[0].latency:
-        lat_rows = []
-        for r in rows:
-            cells = [r.student, r.teacher]
-            for b in batches:
-                v = r.latency[dev][b]
-                p, mg, ft = (median(v[k]) for k in ("plain", "merged", "ft"))
-                if dev == "cpu":
-                    worst[b] = max(worst.get(b, 0.0), mg / p)
-                cells += [f"{1000 * p:.2f}", f"{1000 * mg:.2f}", f"{1000 * ft:.2f}"]
-                cells += [f"{mg / p:.3f}", f"{ft / p:.3f}"]
-            lat_rows.append(cells)
-        headers = ["student", "teacher"]
-        for b in batches:
-            headers += [
-                f"b{b} plain ms",
-                f"b{b} merged ms",
-                f"b{b} FT ms",
-                f"b{b} merged/plain",
-                f"b{b} FT/plain",
-            ]
-        lat_sections += [
-            "",
-            f"## Inference latency on {dev} (median per forward)",
-            "",
-            md_table(headers, lat_rows),
-            "",
-            env,
-        ]
-
-    ratios = {
-        b: [
-            median(r.latency["cpu"][b]["merged"]) / median(r.latency["cpu"][b]["plain"])
-            for r in rows
-        ]
-        for b in batches
-    }
-    target_rows = [
-        [
-            f"batch {b}: merged / plain CPU latency",
-            f"geometric mean {statistics.geometric_mean(ratios[b]):.3f}, worst {worst[b]:.3f}",
-            "≤ 1.01",
-            met(statistics.geometric_mean(ratios[b]) <= 1.01),
-        ]
-        for b in batches
-    ]
-    all_same = all(
-        r.params["merged"] == r.params["plain"] and r.flops["merged"] == r.flops["plain"]
-        for r in rows
-    )
-    target_rows.append(
-        [
-            "merged student: same params and FLOPs as plain",
-            "all pairs" if all_same else "**some differ**",
-            "all pairs",
-            met(all_same),
-        ]
-    )
     per_batch = ", ".join(
         f"batch {b}: {n} calls/block, {w} warm-up + {k} timed blocks"
         for b, (n, w, k) in plan.items()
@@ -326,14 +228,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             "## Size and equivalence",
             "",
-            size_table,
+            _size_table(rows),
             "",
             env,
-            *lat_sections,
+            *_latency_sections(rows, batches, env),
             "",
             "## Targets",
             "",
-            md_table(["figure", "measured", "target", "verdict"], target_rows),
+            md_table(["figure", "measured", "target", "verdict"], _target_rows(rows, batches)),
             "",
             "The FT/plain columns are what merging saves at inference.",
             "",
@@ -343,6 +245,96 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_report(args.out, "deploy", text)
     _plot(rows, batches, args.out, env)
     return 0
+
+
+def _measure_and_say(
+    folder: Path, device: torch.device, train_steps: int, plan: dict[int, tuple[int, int, int]]
+) -> Row:
+    """:func:`measure_pair`, with a progress line before and the pair's figures after."""
+    print(f"[deploy] {folder.name} ...", flush=True)
+    r = measure_pair(folder, device, train_steps, plan)
+    ratios = ", ".join(
+        f"b{b}: merged/plain {median(v['merged']) / median(v['plain']):.3f}"
+        for b, v in r.latency["cpu"].items()
+    )
+    print(f"[deploy]   params {r.params}, max logit diff {r.max_diff:.2e}, {ratios}", flush=True)
+    return r
+
+
+def _same_size(r: Row) -> bool:
+    return r.params["merged"] == r.params["plain"] and r.flops["merged"] == r.flops["plain"]
+
+
+def _size_table(rows: list[Row]) -> str:
+    """Parameters and FLOPs of plain, FT and merged students, and FT vs merged logits."""
+    size_rows = []
+    for r in rows:
+        sizes = [_m(d[k]) for d in (r.params, r.flops) for k in ("plain", "ft", "merged")]
+        size_rows.append(
+            [
+                r.student,
+                f"{r.teacher} ({r.t_channels} ch)",
+                r.n,
+                *sizes,
+                "yes" if _same_size(r) else "**no**",
+                f"{r.max_diff:.1e} (max abs logit {r.max_logit:.1f})",
+            ]
+        )
+    head = ["student", "FT sized for teacher", "N", "params plain", "params FT", "params merged"]
+    head += ["FLOPs plain", "FLOPs FT", "FLOPs merged", "merged = plain"]
+    return md_table([*head, "max logit diff FT vs merged"], size_rows)
+
+
+def _latency_sections(rows: list[Row], batches: list[int], env: str) -> list[str]:
+    """One latency table per device: each variant's median ms and its ratio to plain."""
+    sections = []
+    for dev in rows[0].latency:
+        lat_rows = []
+        for r in rows:
+            cells = [r.student, r.teacher]
+            for b in batches:
+                v = r.latency[dev][b]
+                p, mg, ft = (median(v[k]) for k in ("plain", "merged", "ft"))
+                cells += [f"{1000 * p:.2f}", f"{1000 * mg:.2f}", f"{1000 * ft:.2f}"]
+                cells += [f"{mg / p:.3f}", f"{ft / p:.3f}"]
+            lat_rows.append(cells)
+        headers = ["student", "teacher"]
+        for b in batches:
+            headers += [f"b{b} plain ms", f"b{b} merged ms", f"b{b} FT ms"]
+            headers += [f"b{b} merged/plain", f"b{b} FT/plain"]
+        sections += ["", f"## Inference latency on {dev} (median per forward)", ""]
+        sections += [md_table(headers, lat_rows), "", env]
+    return sections
+
+
+def _target_rows(rows: list[Row], batches: list[int]) -> list[list[str]]:
+    """Merged vs plain CPU latency per batch (geometric mean over pairs, worst pair beside it)
+    and the same-size check, each against its target."""
+    out = []
+    for b in batches:
+        ratios = [
+            median(r.latency["cpu"][b]["merged"]) / median(r.latency["cpu"][b]["plain"])
+            for r in rows
+        ]
+        mean = statistics.geometric_mean(ratios)
+        out.append(
+            [
+                f"batch {b}: merged / plain CPU latency",
+                f"geometric mean {mean:.3f}, worst {max(ratios):.3f}",
+                "≤ 1.01",
+                met(mean <= 1.01),
+            ]
+        )
+    all_same = all(_same_size(r) for r in rows)
+    out.append(
+        [
+            "merged student: same params and FLOPs as plain",
+            "all pairs" if all_same else "**some differ**",
+            "all pairs",
+            met(all_same),
+        ]
+    )
+    return out
 
 
 def _plot(rows: list[Row], batches: list[int], out: Path, env: str) -> None:
