@@ -233,28 +233,62 @@ def bench_pair(
     data_batches: int,
 ) -> tuple[dict[str, list[float]], dict[str, int], str]:
     """Images/s of every variant (``repeats`` blocks of ``steps`` steps) and step FLOPs."""
-    from torchvision import transforms as T
-
-    from normkd.data import Augment, DeviceLoader
-
     torch.manual_seed(0)
     job = build(pair.norm_kd, pair, device)
     kd_job = build(pair.kd, pair, device)
     fp32_job = build(pair.norm_kd, pair, device, FP32)
     kd_fp32_job = build(pair.kd, pair, device, FP32)
     cl = bool(job.runtime.channels_last)
+    s_device, s_classic, ready = _streams(pair, device, batch, workers, cl)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    ready_cl = [(xb.contiguous(memory_format=fmt), yb, ib) for xb, yb, ib in ready]
+    classic_step = ClassicStep(job.recipe, job.distiller)
+
+    def on(j: Any) -> Callable[..., Any]:
+        return lambda xb, yb, ib: distiller_step(j, xb, yb, ib)
+
+    def classic(xb: torch.Tensor, yb: torch.Tensor) -> Any:
+        return classic_step(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+
+    fns = {
+        "normkd": _runner(s_device, on(job), steps),
+        "classic": _runner(s_classic, classic, steps),
+        "ceiling": _runner(cycle(ready_cl), on(job), steps),
+        "kd_only": _runner(cycle(ready_cl), on(kd_job), steps),
+        "fp32": _runner(cycle(ready), on(fp32_job), steps),
+        "kd_only_fp32": _runner(cycle(ready), on(kd_fp32_job), steps),
+    }
+    rates = interleaved(fns, device, warmup, repeats, rate=True)
+    # What each pipeline delivers on its own: explains how much of a step the data can cost.
+    data_fns = {
+        "normkd_data": _drain(s_device, device, data_batches),
+        "classic_data": _drain(s_classic, device, data_batches),
+    }
+    rates |= interleaved(data_fns, device, warmup, repeats, rate=True)
+    flops = {
+        "norm_kd": step_flops(job, ready[0]),
+        "norm_kd_direct": direct_flops(job, ready[0]),
+        "kd_only": step_flops(kd_job, ready[0]),
+    }
+    return rates, flops, precision(job)
+
+
+def _streams(
+    pair: Pair, device: torch.device, batch: int, workers: int, channels_last: bool
+) -> tuple[Iterator[Any], Iterator[Any], list[Any]]:
+    """Endless batches from normkd's device-resident loader and from a classic torchvision
+    DataLoader (the same augmentation), and 4 fixed batches on the device (normalised, not
+    augmented) for the ceiling: a step with no data cost at all."""
+    from torchvision import transforms as T
+
+    from normkd.data import Augment, DeviceLoader
 
     x_nchw = torch.from_numpy(pair.x_hwc).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(pair.y)
     common = {"device": device, "mean": pair.mean, "std": pair.std, "shuffle": True}
+    augment = Augment(pad=pair.pad, flip=pair.flip)
     loader = DeviceLoader(
-        x_nchw,
-        y,
-        batch,
-        drop_last=False,
-        augment=Augment(pad=pair.pad, flip=pair.flip),
-        channels_last=cl,
-        **common,
+        x_nchw, y, batch, drop_last=False, augment=augment, channels_last=channels_last, **common
     )
 
     def device_epoch(e: int) -> Iterator[Any]:
@@ -273,71 +307,35 @@ def bench_pair(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    classic_step = ClassicStep(job.recipe, job.distiller)
-
     fixed = DeviceLoader(x_nchw, y, batch, drop_last=True, augment=None, **common)
-    ready = [b for _, b in zip(range(4), fixed)]  # on the device, normalised, no augmentation
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    ready_cl = [(xb.contiguous(memory_format=fmt), yb, ib) for xb, yb, ib in ready]
+    ready = [b for _, b in zip(range(4), fixed)]
+    return epochs(device_epoch), epochs(lambda _e: iter(classic_loader)), ready
 
-    s_device = epochs(device_epoch)
-    s_classic = epochs(lambda _e: iter(classic_loader))
 
-    def run_normkd() -> int:
+def _runner(stream: Iterator[Any], step: Callable[..., Any], steps: int) -> Callable[[], int]:
+    """``steps`` training steps on batches from ``stream``; returns the images it trained on."""
+
+    def run() -> int:
         n = 0
         for _ in range(steps):
-            xb, yb, ib = next(s_device)
-            distiller_step(job, xb, yb, ib)
-            n += len(yb)
+            b = next(stream)
+            step(*b)
+            n += len(b[1])
         return n
 
-    def run_classic() -> int:
+    return run
+
+
+def _drain(stream: Iterator[Any], device: torch.device, batches: int) -> Callable[[], int]:
+    """Only fetch ``batches`` batches onto the device: what a data pipeline delivers alone."""
+
+    def run() -> int:
         n = 0
-        for _ in range(steps):
-            xb, yb = next(s_classic)
-            classic_step(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
-            n += len(yb)
+        for _ in range(batches):
+            n += len(next(stream)[0].to(device, non_blocking=True))
         return n
 
-    def run_ready(stream: Iterator[Any], j: Any) -> Callable[[], int]:
-        def run() -> int:
-            n = 0
-            for _ in range(steps):
-                xb, yb, ib = next(stream)
-                distiller_step(j, xb, yb, ib)
-                n += len(yb)
-            return n
-
-        return run
-
-    fns = {
-        "normkd": run_normkd,
-        "classic": run_classic,
-        "ceiling": run_ready(cycle(ready_cl), job),
-        "kd_only": run_ready(cycle(ready_cl), kd_job),
-        "fp32": run_ready(cycle(ready), fp32_job),
-        "kd_only_fp32": run_ready(cycle(ready), kd_fp32_job),
-    }
-    rates = interleaved(fns, device, warmup, repeats, rate=True)
-
-    def drain(stream: Iterator[Any]) -> Callable[[], int]:
-        def run() -> int:
-            n = 0
-            for _ in range(data_batches):
-                n += len(next(stream)[0].to(device, non_blocking=True))
-            return n
-
-        return run
-
-    # What each pipeline delivers on its own: explains how much of a step the data can cost.
-    data_fns = {"normkd_data": drain(s_device), "classic_data": drain(s_classic)}
-    rates |= interleaved(data_fns, device, warmup, repeats, rate=True)
-    flops = {
-        "norm_kd": step_flops(job, ready[0]),
-        "norm_kd_direct": direct_flops(job, ready[0]),
-        "kd_only": step_flops(kd_job, ready[0]),
-    }
-    return rates, flops, precision(job)
+    return run
 
 
 def precision(job: Any) -> str:
