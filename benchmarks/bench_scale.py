@@ -16,6 +16,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import (
@@ -105,40 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = env_line(device, after=True)
 
     base_b = batches[0]
-    t0 = median(by_batch[f"b{base_b}"])
-    b_rows = []
-    for b in batches:
-        t = median(by_batch[f"b{b}"])
-        b_rows.append(
-            [
-                b,
-                f"{1000 * t:.0f}",
-                spread(by_batch[f"b{b}"]),
-                f"{b / t:.1f}",
-                f"{t / t0:.2f} (linear: {b / base_b:.2f})",
-            ]
-        )
-    t_kd = median(by_n["kd"])
-    n_rows = [
-        [
-            "KD only (no FT)",
-            f"{1000 * t_kd:.0f}",
-            spread(by_n["kd"]),
-            f"{batch_at / t_kd:.1f}",
-            "1.00",
-        ]
-    ]
-    for n in ns:
-        t = median(by_n[f"n{n}"])
-        n_rows.append(
-            [
-                f"NORM+KD, N={n}",
-                f"{1000 * t:.0f}",
-                spread(by_n[f"n{n}"]),
-                f"{batch_at / t:.1f}",
-                f"{t / t_kd:.2f}",
-            ]
-        )
+    b_rows, n_rows = _batch_rows(by_batch, batches), _n_rows(by_n, ns, batch_at)
     text = "\n".join(
         [
             "# Scaling of one NORM+KD step: batch size and N"
@@ -171,6 +139,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_report(args.out, "scale", text)
     _plot(batches, by_batch, ns, by_n, batch_at, n_at, args.out, env)
     return 0
+
+
+def _batch_rows(by_batch: dict[str, list[float]], batches: list[int]) -> list[list[Any]]:
+    """ms / step, spread, images / s and time relative to the smallest batch, per batch."""
+    t0 = median(by_batch[f"b{batches[0]}"])
+    rows = []
+    for b in batches:
+        t = median(by_batch[f"b{b}"])
+        rel = f"{t / t0:.2f} (linear: {b / batches[0]:.2f})"
+        rows.append([b, f"{1000 * t:.0f}", spread(by_batch[f"b{b}"]), f"{b / t:.1f}", rel])
+    return rows
+
+
+def _n_rows(by_n: dict[str, list[float]], ns: list[int], batch_at: int) -> list[list[Any]]:
+    """KD alone, then NORM+KD at each N: ms / step, spread, images / s, time over KD's."""
+    t_kd = median(by_n["kd"])
+    rows: list[list[Any]] = []
+    for name, key in [("KD only (no FT)", "kd")] + [(f"NORM+KD, N={n}", f"n{n}") for n in ns]:
+        t = median(by_n[key])
+        rows.append(
+            [name, f"{1000 * t:.0f}", spread(by_n[key]), f"{batch_at / t:.1f}", f"{t / t_kd:.2f}"]
+        )
+    return rows
 
 
 def _plot(
