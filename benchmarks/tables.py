@@ -333,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"normkd: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the engine's note says what is saved
+        print(f"normkd: {err or 'interrupted'}", file=sys.stderr)
+        print("The same command continues: recorded runs are skipped.", file=sys.stderr)
+        return int(getattr(err, "exit_code", 2))  # 143 after SIGTERM
     return 0
 
 

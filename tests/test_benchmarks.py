@@ -319,6 +319,29 @@ def test_the_committed_reports_are_what_the_committed_records_rebuild(
         assert rows(rebuilt.read_text()) == rows(committed.read_text()), committed.name
 
 
+@pytest.mark.parametrize("exit_code", [2, 143])
+def test_an_interrupted_table_run_says_what_is_saved_and_how_to_go_on(
+    exit_code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C (2) or SIGTERM (143) in ``tables.py run`` ends with the engine's note and the
+    way to continue, not a traceback, and the exit code a scheduler reads."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tables
+
+    from normkd.engine.loop import TrainingInterrupted
+
+    note = "interrupted; RUN/last.pt holds epoch 2/60 (the last completed one)"
+
+    def stopped(*_args: object) -> None:
+        raise TrainingInterrupted(note, exit_code=exit_code)
+
+    monkeypatch.setattr(tables, "run", stopped)
+    table = next(iter(tables.TABLES))
+    assert tables.main(["run", table, "--data-root", "DATA"]) == exit_code
+    err = capsys.readouterr().err
+    assert note in err and "same command continues" in err and "Traceback" not in err
+
+
 def test_the_closing_environment_line_does_not_count_the_benchmarks_own_threads(monkeypatch):
     """The line after a run holds the run's own threads in the 1-minute load: 2 threads on a
     2-core machine are not "busy"; the same load before the run (someone else's) is."""
