@@ -15,6 +15,7 @@ line saying so.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,17 @@ INTERPRETERS = {"peer": BENCH_VENV / "bin" / "python"}
 
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", choices=list(BENCHES), default=None, help="run only these")
+    p.add_argument(
+        "--index-only",
+        action="store_true",
+        help="run nothing: rewrite README.md from the reports already in --out",
+    )
+
+
+def report_date(md: Path) -> str:
+    """When a report was measured: the date on its first environment line ('?' if none)."""
+    found = re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC", md.read_text())
+    return found.group(0) if found else "?"
 
 
 def verdict_lines(md: Path) -> list[str]:
@@ -71,6 +83,8 @@ def write_index(
 
     ``skipped``: benchmarks not run here and why (a peer's environment is missing); a report of
     theirs left by an earlier run stays linked, its verdicts are not copied as if measured now.
+    A benchmark neither run nor skipped whose report is in ``out`` (``--only`` ran others) stays
+    listed, with its verdicts, dated as an earlier run: a partial run never drops a report.
     """
     skipped = skipped or {}
     rows = []
@@ -79,6 +93,13 @@ def write_index(
         kept = f" ({md.name} is from an earlier run)" if md.is_file() else ""
         link = f"[{name}]({md.name})" if md.is_file() else name
         rows.append([link, BENCHES[name], "—", "—", f"skipped: {why}{kept}"])
+    earlier = [n for n in BENCHES if n not in runs and n not in skipped]
+    earlier = [n for n in earlier if (out / f"{n}.md").is_file()]
+    for name in earlier:
+        png = out / f"{name}.png"
+        figure = f"[{png.name}]({png.name})" if png.is_file() else "—"
+        when = f"earlier run ({report_date(out / f'{name}.md')})"
+        rows.append([f"[{name}]({name}.md)", BENCHES[name], figure, "—", when])
     for name, (rc, secs) in runs.items():
         md, png = out / f"{name}.md", out / f"{name}.png"
         rows.append(
@@ -101,13 +122,14 @@ def write_index(
         "are not quiet-machine figures.",
         "",
         md_table(["benchmark", "what", "figure", "wall time", "status"], rows),
-        "",
-        f"Total wall time: {sum(s for _, s in runs.values()):.0f} s.",
     ]
-    for name in runs:
+    if runs:
+        parts += ["", f"Total wall time of this run: {sum(s for _, s in runs.values()):.0f} s."]
+    for name in [*earlier, *runs]:
         table = verdict_lines(out / f"{name}.md")
+        when = f" (earlier run, {report_date(out / f'{name}.md')})" if name in earlier else ""
         if table:
-            parts += ["", f"## {name}: targets", "", *table]
+            parts += ["", f"## {name}: targets{when}", "", *table]
         if (out / f"{name}.png").is_file():
             parts += ["", f"![{name}]({name}.png)"]
     parts += other_reports(out)
@@ -124,6 +146,8 @@ OTHER_REPORTS = {
     "(CNN -> ViT), seeded, matched, from records",
     "cifar100_trend": "`python benchmarks/tables.py build`: NORM+KD - KD (matched) at 15 / 30 / 60 "
     "epochs",
+    "precision_cifar100": "`python benchmarks/bench_precision.py --cifar DIR`: amp auto vs off "
+    "on real CIFAR-100, NORM+KD resnet20 -> resnet8",
     "parity": "`python tools/parity.py --ref DIR`: new terms against their authors' code",
     "soak": "`python tools/soak.py`: signals at random points of runs, racing writers",
     "mutants": "`make mutants`: named semantic mutants against the test suite",
@@ -146,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(__doc__.split("\n\n")[0], argv, _extra)
     device = resolve_device(args.device)
     env = env_line(device)
-    names = args.only or list(BENCHES)
+    if args.index_only:
+        now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        env = f"Index rewritten {now} from the reports in this folder; no benchmark ran for it."
+    names = [] if args.index_only else args.only or list(BENCHES)
     passthrough = ["--out", str(args.out), "--device", args.device]
     if args.quick:
         passthrough.append("--quick")

@@ -196,6 +196,34 @@ def test_index_links_reports_and_copies_verdicts(
     assert "Device: CPU; torch x" in text
 
 
+def test_a_partial_run_keeps_every_earlier_report_in_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--only scale`` (or ``--index-only``) must not drop the reports it did not remake: they
+    stay linked with their verdicts, dated from their own environment line."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import run_all
+
+    (tmp_path / "deploy.md").write_text(
+        "# x\n\nDevice: CPU; 2026-12-03 20:00 UTC\n\n## Targets\n\n| figure | verdict |\n"
+        "| --- | --- |\n| b | met |\n"
+    )
+    (tmp_path / "cifar100.md").write_text("# real data\n")
+    text = run_all.write_index(
+        tmp_path, {"scale": (0, 3.0)}, "Device: CPU", quick=False
+    ).read_text()
+    assert "| [deploy](deploy.md) |" in text and "earlier run (2026-12-03 20:00 UTC)" in text
+    assert (
+        "## deploy: targets (earlier run, 2026-12-03 20:00 UTC)" in text and "| b | met |" in text
+    )
+    assert "[cifar100](cifar100.md)" in text  # the table reports, listed under other commands
+    assert "[accuracy]" not in text  # no report, no row
+    assert run_all.main(["--index-only", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    rewritten = (tmp_path / "README.md").read_text()
+    assert "no benchmark ran for it" in rewritten and "| [deploy](deploy.md) |" in rewritten
+    assert "| [scale]" not in rewritten  # scale.md was never written: nothing to link
+
+
 def test_index_says_why_a_benchmark_was_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
