@@ -127,6 +127,18 @@ def test_pairs_and_methods_are_checked_before_anything_runs(tmp_path, capsys):
     assert not any(Path(tmp_path).iterdir())
 
 
+def test_a_missing_data_folder_is_said_before_a_run_starts_or_a_file_is_written(
+    tmp_path, capsys
+):
+    out = tmp_path / "out"
+    args = ["reproduce", "cifar100", PAIR, "--data-root", str(tmp_path / "nope")]
+    assert main([*args, "--out-dir", str(out), "--records", str(tmp_path / "rec")]) == 2
+    captured = capsys.readouterr()
+    assert "CIFAR-100 folder" in captured.err and "cifar-100-python" in captured.err
+    assert "[reproduce] run" not in captured.err + captured.out
+    assert not out.exists() and not (tmp_path / "rec").exists()
+
+
 def test_records_grow_a_table_across_calls_and_rebuild_it_alone(tmp_path, capsys):
     root = write_cifar100(tmp_path / "data", n_train=200, n_test=100)
     records = tmp_path / "records"

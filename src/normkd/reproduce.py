@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from normkd.config import Recipe, load_recipe, recipe_to_dict
+from normkd.data import check_cifar100_root
 from normkd.engine import RunResult, run_recipe
 from normkd.engine.checkpoint import atomic_write, atomic_write_text
 from normkd.engine.rundir import same_recipe
@@ -198,6 +199,8 @@ def execute(p: Planned, index: int, total: int) -> RunResult:
         check_same_recipe(d, p.recipe)
         logger.info(f"{what}: finished earlier, read from {d}")
         return read_result(d)
+    if p.recipe.data.kind == "cifar100" and not p.recipe.data.fake:
+        check_cifar100_root(p.recipe.data.root)  # before a line says a run starts, or a file
     resume = (d / "last.pt").is_file()
     if resume:
         from normkd.engine.checkpoint import load_checkpoint

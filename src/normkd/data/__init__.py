@@ -1,6 +1,6 @@
 """Data: embedded digits, CIFAR-100, ImageNet and your own image folders, device-side augmentation."""
 
-from normkd.data.cifar import CIFAR100_MEAN, CIFAR100_STD, load_cifar100
+from normkd.data.cifar import CIFAR100_MEAN, CIFAR100_STD, check_cifar100_root, load_cifar100
 from normkd.data.common import Split, fake_split
 from normkd.data.device import Augment, DeviceLoader, EpochPlan, augment_batch
 from normkd.data.digits import load_digits_split
@@ -18,6 +18,7 @@ __all__ = [
     "IndexedDataset",
     "Split",
     "augment_batch",
+    "check_cifar100_root",
     "fake_split",
     "folder_datasets",
     "folder_loaders",

@@ -153,6 +153,12 @@ def _find_layout(root: Path) -> tuple[str, Path]:
     )
 
 
+def check_cifar100_root(root: str | Path) -> None:
+    """Raise the :func:`load_cifar100` error (what is missing, where to put it) without reading
+    the files: a command that will train checks its data before it starts anything."""
+    _find_layout(Path(root).expanduser())
+
+
 def load_cifar100(root: str | Path) -> Split:
     """CIFAR-100 as uint8 (N, 3, 32, 32) tensors from a local folder, ready to move to the device."""
     root = Path(root).expanduser()
