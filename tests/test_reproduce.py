@@ -127,9 +127,7 @@ def test_pairs_and_methods_are_checked_before_anything_runs(tmp_path, capsys):
     assert not any(Path(tmp_path).iterdir())
 
 
-def test_a_missing_data_folder_is_said_before_a_run_starts_or_a_file_is_written(
-    tmp_path, capsys
-):
+def test_a_missing_data_folder_is_said_before_a_run_starts_or_a_file_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["reproduce", "cifar100", PAIR, "--data-root", str(tmp_path / "nope")]
     assert main([*args, "--out-dir", str(out), "--records", str(tmp_path / "rec")]) == 2
