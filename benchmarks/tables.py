@@ -19,6 +19,7 @@ authors'-code row included, so the rows differ in their method only).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -209,17 +210,20 @@ def trend() -> None:
             f"| {label(m)} | {e} | {len(v)} | {mean_std(list(v.values()))} |"
             for e, v in sorted(pts.items())
         ]
+    paired = _paired_gaps(points)
+    seeds = "; ".join(f"{e} epochs: {len(g)}" for e, g in paired.items()) or "none yet"
     text = (
         "# CIFAR-100 resnet20 -> resnet8: does the NORM+KD - KD (matched) gap move with the "
         "schedule?\n\nThe same teacher, recipes and engine defaults as cifar100.md, at 15, 30 and "
-        "60 epochs (milestones scaled with the schedule). 30 and 60 epochs: seed 0 only, so a "
-        "difference there carries one seed's noise (about the spread in cifar100.md).\n\n"
+        "60 epochs (milestones scaled with the schedule). Seeds with both methods recorded, per "
+        f"schedule: {seeds}. A point of one seed carries that seed's noise.\n\n"
         + "\n".join(rows)
         + "\n\nNORM+KD minus KD (matched), mean final top-1: "
         + _gaps(points, None)
         + ".\n\nThe same on seed 0 alone, like for like with the one-seed schedules: "
         + _gaps(points, 0)
         + ".\n"
+        + _noise(paired)
     )
     atomic_write_text(RESULTS / "cifar100_trend.md", text)
     _plot_trend(points, RESULTS / "cifar100_trend.png")
@@ -240,6 +244,35 @@ def _gaps(points: dict[str, dict[int, dict[int, float]]], seed: int | None) -> s
             continue
         gaps.append(f"{e} epochs: {gap:+.2f}")
     return "; ".join(gaps) or "not yet measured"
+
+
+def _paired_gaps(points: dict[str, dict[int, dict[int, float]]]) -> dict[int, list[float]]:
+    """Per schedule, NORM+KD - KD (matched) of each seed both methods have, in seed order."""
+    base, other = (points[m] for m in TREND_METHODS)
+    out = {}
+    for e in sorted(base.keys() & other.keys()):
+        seeds = sorted(base[e].keys() & other[e].keys())
+        if seeds:
+            out[e] = [other[e][s] - base[e][s] for s in seeds]
+    return out
+
+
+def _noise(paired: dict[int, list[float]]) -> str:
+    """How far one seed's gap moves by chance, from the schedule with the most paired seeds:
+    the yardstick for a one-seed point (two one-seed gaps differ with sd sqrt(2) x that)."""
+    e, gaps = max(paired.items(), key=lambda kv: (len(kv[1]), -kv[0]), default=(0, []))
+    if len(gaps) < 2:
+        return ""
+    sd = statistics.stdev(gaps)
+    move = 1.96 * math.sqrt(2) * sd
+    per_seed = ", ".join(f"{g:+.2f}" for g in gaps)
+    return (
+        f"\nSeed noise: at {e} epochs the paired gap varies with sd {sd:.2f} points over "
+        f"{len(gaps)} seeds ({per_seed}). If the other schedules are as noisy, two one-seed gaps "
+        f"differ by chance with sd {math.sqrt(2) * sd:.2f}: a move of less than about "
+        f"{move:.2f} points (1.96 x that) between schedules cannot be told from seed noise (a "
+        f"rough yardstick: the sd itself comes from {len(gaps)} seeds).\n"
+    )
 
 
 def _plot_trend(points: dict[str, dict[int, dict[int, float]]], path: Path) -> None:

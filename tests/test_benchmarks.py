@@ -322,6 +322,10 @@ def test_the_trend_pairs_its_gaps_by_schedule_whichever_runs_finished_first(
     assert "mean final top-1: 15 epochs: -1.50.\n" in trend  # the means of two seeds
     assert "like for like with the one-seed schedules: 15 epochs: -1.00.\n" in trend  # seed 0's
     assert "| NORM+KD | 30 | 1 | 55.00 |" in trend and "| KD (matched) | 60 | 1 | 52.00 |" in trend
+    assert "Seeds with both methods recorded, per schedule: 15 epochs: 2." in trend
+    # the gaps -1.00 and -2.00: sd 0.71; two one-seed gaps differ with sd 1.00; 1.96 x that
+    assert "varies with sd 0.71 points over 2 seeds (-1.00, -2.00)" in trend
+    assert "differ by chance with sd 1.00: a move of less than about 1.96 points" in trend
 
 
 def test_the_committed_reports_are_what_the_committed_records_rebuild(
