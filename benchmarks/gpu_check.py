@@ -57,7 +57,8 @@ MAX_CARRY_MB = 48.0  # of the 64 MiB the working tree may take, the rest is the 
 MERGE_TOL = 1e-4
 NO_CUDA = "gpu-check: no CUDA device: nothing checked"
 CHECKS = (
-    "fp32", "bf16", "fp16", "channels_last", "compile", "loader", "ddp", "throughput", "reproduce",
+    "fp32", "bf16", "fp16", "channels_last", "compile", "loader", "cka", "ddp", "throughput",
+    "reproduce",
 )  # fmt: skip
 TEACHER_USERS = ("fp32", "bf16", "fp16", "channels_last", "compile", "ddp")
 
@@ -177,6 +178,26 @@ def check_loader(device: str) -> str:
     order = torch.cat(seen)
     assert sorted(order.tolist()) == list(range(len(split.y_train))), "an epoch missed images"
     return f"{len(seen)} batches on {x.device}, every image once, labels aligned"
+
+
+def check_cka(device: str) -> str:
+    """WKD-L's class costs with the GEMMs on ``device`` (``normkd wkd-cost`` runs them beside
+    the teacher), both forms, against the pair-by-pair linear CKA in float64 on the CPU."""
+    from normkd.losses.wkd import cka_cost_matrix, cka_form, linear_cka
+
+    gen, worst = torch.Generator().manual_seed(0), {}
+    for c, n, d in ((6, 64, 8), (6, 16, 64)):  # the feature form, then the kernel form
+        feats = torch.randn(c, n, d, generator=gen) * torch.linspace(0.5, 2.0, d)
+        cost = cka_cost_matrix(feats, device=device)
+        assert cost.device == feats.device and cost.dtype == feats.dtype, (cost.device, cost.dtype)
+        ref = torch.zeros(c, c, dtype=torch.float64)
+        for i in range(c):
+            for j in range(c):
+                ref[i, j] = 1 - linear_cka(feats[i].double(), feats[j].double())
+        worst[cka_form(c, n, d)] = float((cost.double() - ref).abs().max())
+    assert max(worst.values()) < 1e-5, worst
+    diffs = ", ".join(f"{form} form {diff:.1e}" for form, diff in worst.items())
+    return f"1 - CKA on {device} vs the float64 pair loop: {diffs}"
 
 
 def free_port() -> int:
@@ -315,6 +336,7 @@ def plan(args: argparse.Namespace, work: Path, teacher: Callable[[], Path]) -> d
         ),
         "compile": lambda: check_distill(work, teacher(), "compile", dev, compile=True),
         "loader": lambda: check_loader(dev),
+        "cka": lambda: check_cka(dev),
         "ddp": lambda: check_ddp(work, teacher(), dev),
         "throughput": lambda: check_throughput(dev, args.out),
         "reproduce": lambda: check_reproduce(dev, args.data_root, args.out, work),

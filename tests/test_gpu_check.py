@@ -59,7 +59,7 @@ def test_checks_run_on_the_cpu_and_write_the_report(
     data = _cifar(tmp_path / "cifar", 48, 16)
     # ddp and reproduce are left out here for time (~30 s): tests/engine/test_ddp.py and
     # tests/test_reproduce.py cover the engine paths they drive.
-    only = ["fp32", "loader"]
+    only = ["fp32", "loader", "cka"]
     argv = ["--device", "cpu", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
     rc = gpu_check.main([*argv, "--data-root", str(data), "--only", *only])
     md = (tmp_path / "out" / "gpu.md").read_text()
@@ -77,6 +77,8 @@ def test_checks_run_on_the_cpu_and_write_the_report(
         diff = float(detail.split("merged = FT to ")[1].split(";")[0])
         assert diff <= gpu_check.MERGE_TOL, detail
     assert rows["loader"][1] == "ok" and "every image once" in rows["loader"][3]
+    assert rows["cka"][1] == "ok" and "feature form" in rows["cka"][3], rows["cka"]
+    assert "kernel form" in rows["cka"][3], rows["cka"]
 
     assert md.startswith("# GPU check (`make gpu-check`) on the CPU: not a GPU result")
     assert "Device: CPU" in md

@@ -243,9 +243,9 @@ def make_cost_file(
     if progress:
         logger.info(
             f"wkd-cost: 1 - linear CKA of {c * (c - 1) // 2:,} class pairs, {n:,} rows of "
-            f"{d:,} a class ({cka_form(c, n, d)} form)"
+            f"{d:,} a class ({cka_form(c, n, d)} form) on {device}"
         )
-    cost = cka_cost_matrix(feats, progress=_cka_progress(progress)).contiguous()
+    cost = cka_cost_matrix(feats, progress=_cka_progress(progress), device=device).contiguous()
     weights = cfg.weights or cfg.pretrained_file
     note = {  # the file's own metadata: what it is and what it was made from
         "what": WHAT[source],

@@ -160,6 +160,9 @@ def test_the_cost_without_a_loop_over_pairs_is_linear_cka_of_every_pair(c, n, d,
         assert ticks[-1][0] == ticks[-1][1] == len(ticks)  # progress ends at its total
     assert len(ticks) > 1  # the small workspace did split the work
     assert cka_cost_matrix(feats[:1]).tolist() == [[0.0]]
+    # where the GEMMs run is the caller's (wkd-cost: the teacher's device); the rows' device here
+    on = cka_cost_matrix(feats, workspace=small, device="cpu")
+    assert torch.equal(on, cka_cost_matrix(feats, workspace=small)) and on.device == feats.device
 
 
 @pytest.mark.parametrize(
