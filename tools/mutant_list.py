@@ -401,7 +401,7 @@ MUTANTS: list[Mutant] = [
         "loop-resume-any-recipe",
         RD,
         "resume accepts a different recipe",
-        "if _comparable(recipe_to_dict(saved)) != _comparable(recipe_to_dict(self.recipe)):",
+        "if not same_recipe(recipe_to_dict(saved), recipe_to_dict(self.recipe)):",
         "if False:",
         ("tests/test_errors.py",),
     ),
