@@ -326,11 +326,25 @@ def status(names: Sequence[str] | None = None) -> str:
         spec, missing = TABLES[name], _missing(name)
         todo = sum(len(v) for v in missing.values())
         runs = len(spec.methods) * spec.seeds
-        left = _left(missing)
+        left, extra = _left(missing), _extra_seeds(name)
         lines.append(
-            f"{name}: {runs - todo}/{runs} runs recorded" + (f"; to run: {left}" if left else "")
+            f"{name}: {runs - todo}/{runs} runs recorded"
+            + (f" (+{extra} of seeds past the table's {spec.seeds})" if extra else "")
+            + (f"; to run: {left}" if left else "")
         )
     return "\n".join(lines)
+
+
+def _extra_seeds(name: str) -> int:
+    """Records of the table's methods at seeds past its own (a `run --seeds N` with more)."""
+    spec = TABLES[name]
+    return sum(
+        1
+        for m in spec.methods
+        for f in (RUNS / name).glob(f"{m}_seed*.json")
+        if f.stem.removeprefix(f"{m}_seed").isdigit()
+        and int(f.stem.removeprefix(f"{m}_seed")) >= spec.seeds
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

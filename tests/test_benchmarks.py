@@ -290,6 +290,15 @@ def test_tables_rebuild_each_report_and_the_trend_from_records_alone(
         first["cifar100_resnet20__resnet8_e30"]
         == "cifar100_resnet20__resnet8_e30: 2/2 runs recorded"
     )
+    # a `run --seeds 2` past the trend table's one seed: counted apart, not as missing or done
+    write_record(
+        tmp_path / "runs" / "cifar100_resnet20__resnet8_e30",
+        Record("resnet20__resnet8", "norm_kd", 1, "short", 30, "bf16", 41.0, 30, 41.0, 900.0,
+               "abc", "cpu", "now", teacher_sha256="ff"),
+    )  # fmt: skip
+    assert tables.status(["cifar100_resnet20__resnet8_e30"]) == (
+        "cifar100_resnet20__resnet8_e30: 2/2 runs recorded (+1 of seeds past the table's 1)"
+    )
 
 
 def test_the_trend_pairs_its_gaps_by_schedule_whichever_runs_finished_first(
