@@ -50,19 +50,20 @@ def direct_writes(path: Path) -> list[tuple[str, int]]:
     """``(enclosing function, line)`` of each write in ``path`` not inside a lambda (the
     ``atomic_write(path, lambda tmp: ...)`` form) or a nested function handed to atomic_write."""
     found: list[tuple[str, int]] = []
+    tree = ast.parse(path.read_text(), str(path))
+    writers = _handed_to_atomic_write(tree)
 
     def visit(node: ast.AST, func: str, in_writer: bool) -> None:
         if isinstance(node, ast.Lambda):
             in_writer = True
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            in_writer = in_writer or node.name in _handed_to_atomic_write(tree)
+            in_writer = in_writer or node.name in writers
             func = node.name
         elif isinstance(node, ast.Call) and _is_write(node) and not in_writer:
             found.append((func, node.lineno))
         for child in ast.iter_child_nodes(node):
             visit(child, func, in_writer)
 
-    tree = ast.parse(path.read_text(), str(path))
     visit(tree, "<module>", False)
     return found
 
